@@ -1,0 +1,3 @@
+"""distfd: FasterDiffusion encoder propagation and parallel decoding across GPUs."""
+
+__version__ = "0.1.0"
