@@ -78,7 +78,8 @@ class Engine:
         self.signature = inspect.signature(model.forward)
         self.phase = "idle"  # "record" (encoder pass) | "replay" (decoder pass) | "idle"
         self.features: list[Any] = []
-        self.rows: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # input row served by each decoder row, (n,)
+        self.batch_rows = 1  # rows per step in the pipeline's denoiser call
         self.run: Run | None = None
         self.counters = Counters()
         self._pending = None  # async broadcast of features still in flight
@@ -94,8 +95,21 @@ class Engine:
             return out
         if self.phase == "replay":
             cached = self.features[index] if self.modules[index].keep else self.features[-1]
-            return pytree.tree_map_only(torch.Tensor, lambda t: t.index_select(0, self.rows), cached)
+            return pytree.tree_map_only(torch.Tensor, self._select_rows, cached)
         return original(*args, **kwargs)
+
+    def _select_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of a cached feature for the decoder batch; a feature of B*k rows (video frames) keeps
+        each input row's k consecutive rows together."""
+        per = t.shape[0] // self.batch_rows
+        if per * self.batch_rows != t.shape[0]:
+            raise RuntimeError(
+                f"distfd: cached feature of batch {t.shape[0]} does not divide into {self.batch_rows} rows."
+            )
+        if per == 1:
+            return t.index_select(0, self.rows)
+        idx = (self.rows[:, None] * per + torch.arange(per, device=self.rows.device)).reshape(-1)  # (n * k,)
+        return t.index_select(0, idx)
 
     # Called by the scheduler hooks.
 
@@ -277,7 +291,7 @@ class Engine:
             args[self.adapter.sample_arg] = sample.index_select(0, src)
             args[self.adapter.timestep_arg] = t_rows
             call = inspect.BoundArguments(bound.signature, args)
-            self.phase, self.rows = "replay", src
+            self.phase, self.rows, self.batch_rows = "replay", src, rows_per_step
             try:
                 local = self.adapter.get_sample(original(*call.args, **call.kwargs))
             finally:
