@@ -26,7 +26,9 @@ CONFIG_NAME = "config.json"
 class SceneJudge(nn.Module):
     """Conv feature extractor + one linear head per attribute."""
 
-    def __init__(self, width: int = 16, feature_dim: int = 128, attributes: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, width: int = 16, feature_dim: int = 128, attributes: dict[str, int] | None = None
+    ) -> None:
         super().__init__()
         attributes = attributes or {k: len(v) for k, v in ATTRIBUTES.items()}
         self.config = {"width": width, "feature_dim": feature_dim, "attributes": dict(attributes)}
@@ -56,7 +58,9 @@ class SceneJudge(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME))
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_NAME)
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> SceneJudge:

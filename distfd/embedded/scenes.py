@@ -146,7 +146,9 @@ def sample_specs(n: int, seed: int, two_shape_prob: float = 0.0) -> list[SceneSp
 
 def labels_of(specs: list[SceneSpec]) -> dict[str, torch.Tensor]:
     """Attribute labels (see :class:`SceneBatch`) of a list of specs."""
-    out: dict[str, list[int]] = {k: [] for k in (*ATTRIBUTES, "n_shapes", "shape2", "colour2", "size2", "position2")}
+    out: dict[str, list[int]] = {
+        k: [] for k in (*ATTRIBUTES, "n_shapes", "shape2", "colour2", "size2", "position2")
+    }
     for s in specs:
         first = s.objects[0]
         second = s.objects[1] if len(s.objects) > 1 else None
@@ -158,7 +160,9 @@ def labels_of(specs: list[SceneSpec]) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v, dtype=torch.int64) for k, v in out.items()}
 
 
-def sample_captions(n: int, seed: int, two_shape_prob: float = 0.0) -> tuple[list[str], dict[str, torch.Tensor]]:
+def sample_captions(
+    n: int, seed: int, two_shape_prob: float = 0.0
+) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Held-out prompts: ``n`` captions and their labels, without rendering.
 
     Use a seed that was not used for training to get a fresh draw; the captions
@@ -215,4 +219,6 @@ def generate_scenes(n: int, seed: int, two_shape_prob: float = 0.0) -> SceneBatc
     specs = sample_specs(n, seed, two_shape_prob)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     images = np.stack([render(s, rng) for s in specs]) if specs else np.zeros((0, 3, 32, 32), np.uint8)
-    return SceneBatch(images=torch.from_numpy(images), captions=[s.caption for s in specs], labels=labels_of(specs))
+    return SceneBatch(
+        images=torch.from_numpy(images), captions=[s.caption for s in specs], labels=labels_of(specs)
+    )

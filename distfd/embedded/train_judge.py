@@ -48,7 +48,9 @@ def train(
     t0 = time.time()
     data = generate_scenes(n_train, seed)
     x_all = data.as_float()
-    y_all = {k: v for k, v in data.labels.items() if k in ("shape", "colour", "size", "position", "background")}
+    y_all = {
+        k: v for k, v in data.labels.items() if k in ("shape", "colour", "size", "position", "background")
+    }
     model = SceneJudge(width=width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (n_train // batch_size)
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
-    metrics = train(args.out, args.seed, args.n_train, args.n_test, args.epochs, args.batch_size, args.lr, args.width)
+    metrics = train(
+        args.out, args.seed, args.n_train, args.n_test, args.epochs, args.batch_size, args.lr, args.width
+    )
     print(json.dumps(metrics, indent=2))
 
 
