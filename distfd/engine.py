@@ -81,6 +81,7 @@ class Engine:
         self.rows: torch.Tensor | None = None  # input row served by each decoder row, (n,)
         self.batch_rows = 1  # rows per step in the pipeline's denoiser call
         self.run: Run | None = None
+        self.runs = 0  # runs started, numbering them for side models' caches
         self.counters = Counters()
         self._pending = None  # async broadcast of features still in flight
 
@@ -140,6 +141,21 @@ class Engine:
             self.ctx.broadcast(prev_sample, src=0)
             self._end_run()
 
+    # Called by side-model hooks: a model the pipeline calls in each loop step before the denoiser.
+
+    def upcoming_call(self, timestep) -> tuple[int, bool]:
+        """(run number, is a key step) for the denoiser call that follows in this loop step.
+
+        Before a run has started (or after the last one finished) the call opens a new run, at its
+        step 0, always a key step. A timestep other than the expected one also counts as key (the
+        side model then computes rather than reuse something stale).
+        """
+        run = self.run
+        if run is None or run.step >= run.length:
+            return self.runs + 1, True
+        same = float(torch.as_tensor(timestep).reshape(-1)[0]) == float(run.timesteps[run.step])
+        return self.runs, run.step in run.key_steps or not same
+
     # Called by the denoiser hook once per loop step.
 
     def denoiser_forward(self, original: Callable, args: tuple, kwargs: dict) -> Any:
@@ -187,6 +203,7 @@ class Engine:
             self.config.key_steps, num_steps, len(timesteps), allow_rescale=self.config.rescale_key_steps
         )
         self.run = Run(timesteps=timesteps, key_steps=key_steps)
+        self.runs += 1
         self.ctx.stats.reset()
         cond = self.adapter.condition_tensor(call)
         check_agreement(self.ctx, fingerprint(self.config, key_steps, timesteps, sample, cond))
