@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import pytest
 import torch
+from equivalence import apply_run, check_equivalences
+from tiny_models import dit, pixart, prompt_embeds
 
 import distfd
 from distfd.adapters.dit import DIT_250, default_encoder_blocks
 from distfd.schedule import PRESETS, resolve_key_steps
-from equivalence import apply_run, check_equivalences
-from tiny_models import dit, pixart, prompt_embeds
 
 STEPS, KEYS = 6, [0, 1, 3]
 
 
 def dit_call(pipe, labels=(3, 7), steps: int = STEPS, guidance: float = 4.0):
     g = torch.Generator().manual_seed(0)
-    out = pipe(class_labels=list(labels), guidance_scale=guidance, num_inference_steps=steps, generator=g, output_type="pt")
+    out = pipe(
+        class_labels=list(labels),
+        guidance_scale=guidance,
+        num_inference_steps=steps,
+        generator=g,
+        output_type="pt",
+    )
     return out.images
 
 

@@ -5,6 +5,7 @@ randomised so that every part of each model shows in the result.
 
 from __future__ import annotations
 
+import tiny
 import torch
 from diffusers import (
     ControlNetModel,
@@ -25,8 +26,6 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from torch import nn
-
-import tiny
 
 
 def randomize(model: nn.Module, std: float = 0.05) -> nn.Module:
@@ -55,7 +54,9 @@ def dit(sched: str = "ddim", seed: int = 0, layers: int = 4) -> DiTPipeline:
         patch_size=2,
         norm_num_groups=8,
     )
-    return _quiet(DiTPipeline(transformer=randomize(transformer), vae=tiny.vae(), scheduler=tiny.scheduler(sched)))
+    return _quiet(
+        DiTPipeline(transformer=randomize(transformer), vae=tiny.vae(), scheduler=tiny.scheduler(sched))
+    )
 
 
 def pixart(seed: int = 0) -> PixArtAlphaPipeline:
@@ -74,7 +75,11 @@ def pixart(seed: int = 0) -> PixArtAlphaPipeline:
         norm_num_groups=8,
     )
     pipe = PixArtAlphaPipeline(
-        tokenizer=None, text_encoder=None, vae=tiny.vae(), transformer=randomize(transformer), scheduler=tiny.scheduler()
+        tokenizer=None,
+        text_encoder=None,
+        vae=tiny.vae(),
+        transformer=randomize(transformer),
+        scheduler=tiny.scheduler(),
     )
     return _quiet(pipe)
 
@@ -142,7 +147,9 @@ def _if_scheduler() -> DDPMScheduler:
 
 
 def _if_kw():
-    return dict(tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None)
+    return dict(
+        tokenizer=None, text_encoder=None, safety_checker=None, feature_extractor=None, watermarker=None
+    )
 
 
 def if_stage1(seed: int = 0) -> IFPipeline:
@@ -160,7 +167,11 @@ def if_stage2(seed: int = 0) -> IFSuperResolutionPipeline:
     )
     noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     pipe = IFSuperResolutionPipeline(
-        unet=unet, scheduler=_if_scheduler(), image_noising_scheduler=noising, requires_safety_checker=False, **_if_kw()
+        unet=unet,
+        scheduler=_if_scheduler(),
+        image_noising_scheduler=noising,
+        requires_safety_checker=False,
+        **_if_kw(),
     )
     return _quiet(pipe)
 
@@ -220,6 +231,10 @@ def text2video(sched: str = "ddim", seed: int = 0) -> TextToVideoSDPipeline:
         norm_num_groups=8,
     )
     pipe = TextToVideoSDPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=randomize(unet), scheduler=base.scheduler
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=randomize(unet),
+        scheduler=base.scheduler,
     )
     return _quiet(pipe)

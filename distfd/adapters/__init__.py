@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet3DConditionModel
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+)
 
 from .base import Adapter, EncoderModule
 from .dit import DIT_PIPELINES, PIXART_PIPELINES, DiTAdapter

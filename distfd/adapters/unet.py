@@ -54,8 +54,13 @@ UNET_PIPELINES = (
 # "every timestep in between", so stage I skips the encoder only at 89-86, 84-81, 24-21 and 19-16.
 IF_STAGE1 = (*range(100, 89, -1), 85, *range(80, 24, -1), 20, *range(15, 0, -1))
 IF_STAGE3 = (75, 73, 70, 66, 61, 55, 48, 40, 31, 21, 10)
-register_preset("if-stage1-100", Preset(100, _from_paper(100, IF_STAGE1), "paper, DeepFloyd-IF stage I DDPM-100"))
 register_preset(
-    "if-stage2-50", Preset(50, _from_paper(50, range(50, 0, -1)), "paper, DeepFloyd-IF stage II DDPM-50 (every step)")
+    "if-stage1-100", Preset(100, _from_paper(100, IF_STAGE1), "paper, DeepFloyd-IF stage I DDPM-100")
 )
-register_preset("if-stage3-75", Preset(75, _from_paper(75, IF_STAGE3), "paper, DeepFloyd-IF stage III (x4 upscaler) 75"))
+register_preset(
+    "if-stage2-50",
+    Preset(50, _from_paper(50, range(50, 0, -1)), "paper, DeepFloyd-IF stage II DDPM-50 (every step)"),
+)
+register_preset(
+    "if-stage3-75", Preset(75, _from_paper(75, IF_STAGE3), "paper, DeepFloyd-IF stage III (x4 upscaler) 75")
+)
