@@ -102,6 +102,8 @@ class Engine:
     def _select_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of a cached feature for the decoder batch; a feature of B*k rows (video frames) keeps
         each input row's k consecutive rows together."""
+        if self.rows is None:  # the decoder rows are the input rows, in order
+            return t
         per = t.shape[0] // self.batch_rows
         if per * self.batch_rows != t.shape[0]:
             raise RuntimeError(
@@ -293,9 +295,12 @@ class Engine:
             idx = torch.arange(mine.start, mine.stop, device=sample.device)
             src = idx % rows_per_step  # which input row (CFG half, image) each decoder row serves
             t_rows = run.timesteps.to(sample.device)[steps.start + idx // rows_per_step]  # (n,)
+            # One step's rows in order (propagation, all-key steps): no copies, so the decoder sees
+            # the very tensors (and memory layouts) a vanilla call would.
+            same = len(mine) == rows_per_step and mine.start % rows_per_step == 0
             args = dict(bound.arguments)
             for name, value in args.items():
-                if name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
+                if not same and name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
                     args[name] = pytree.tree_map_only(
                         torch.Tensor,
                         lambda x: (
@@ -305,10 +310,10 @@ class Engine:
                         ),
                         value,
                     )
-            args[self.adapter.sample_arg] = sample.index_select(0, src)
+            args[self.adapter.sample_arg] = sample if same else sample.index_select(0, src)
             args[self.adapter.timestep_arg] = t_rows
             call = inspect.BoundArguments(bound.signature, args)
-            self.phase, self.rows, self.batch_rows = "replay", src, rows_per_step
+            self.phase, self.rows, self.batch_rows = "replay", None if same else src, rows_per_step
             try:
                 local = self.adapter.get_sample(original(*call.args, **call.kwargs))
             finally:

@@ -23,9 +23,10 @@ def apply_run(pipe, call: Callable[[Any], torch.Tensor], **config) -> tuple[torc
 
 
 def check_equivalences(
-    pipe, call: Callable[[Any], torch.Tensor], steps: int, key_steps: Sequence[int]
+    pipe, call: Callable[[Any], torch.Tensor], steps: int, key_steps: Sequence[int], atol: float = 1e-5
 ) -> dict[str, torch.Tensor]:
-    """Vanilla vs all-key (atol 1e-6), parallel vs propagate (rtol 1e-4), removal restores vanilla."""
+    """Vanilla vs all-key (atol 1e-6), parallel vs propagate (rtol 1e-4, ``atol`` for values near 0:
+    batching rounds differently), removal restores vanilla."""
     vanilla = call(pipe)
     all_key, stats = apply_run(pipe, call, key_steps=list(range(steps)), noise_alpha=0.0, mode="parallel")
     assert stats["encoder_passes"] == steps
@@ -34,7 +35,7 @@ def check_equivalences(
     assert stats["encoder_passes"] == len(key_steps) and stats["steps"] == steps
     par, stats = apply_run(pipe, call, key_steps=list(key_steps), mode="parallel")
     assert stats["decoder_passes"] == len(key_steps)  # one batch per key-step group
-    assert_close(par, prop, rtol=1e-4, atol=1e-5)
+    assert_close(par, prop, rtol=1e-4, atol=atol)
     assert not torch.allclose(prop, vanilla, atol=1e-4), "propagation changed nothing: the test is blind"
     assert_close(call(pipe), vanilla, atol=0, rtol=0)
     return {"vanilla": vanilla, "propagate": prop, "parallel": par}
