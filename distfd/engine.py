@@ -140,7 +140,12 @@ class Engine:
         run.updates += 1
         if run.updates >= run.length:
             self.ctx.stats.tag = None
-            self.ctx.broadcast(prev_sample, src=0)
+            if prev_sample.is_contiguous():
+                self.ctx.broadcast(prev_sample, src=0)
+            else:  # collectives need contiguous memory
+                buf = prev_sample.contiguous()
+                self.ctx.broadcast(buf, src=0)
+                prev_sample.copy_(buf)
             self._end_run()
 
     # Called by side-model hooks: a model the pipeline calls in each loop step before the denoiser.

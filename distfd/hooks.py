@@ -70,8 +70,8 @@ class SchedulerHooks:
         self._saved = {name: scheduler.__dict__.get(name) for name in ("set_timesteps", "step")}
         set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
-        # functools.wraps keeps the signatures visible: pipelines inspect ``scheduler.step`` to decide
-        # whether to pass ``generator`` and ``eta`` (``prepare_extra_step_kwargs``).
+        # functools.wraps keeps the signatures: pipelines inspect them to decide whether to pass
+        # ``generator``/``eta`` to ``step`` and ``timesteps``/``sigmas`` to ``set_timesteps``.
         @functools.wraps(set_timesteps)
         def wrapped_set_timesteps(*args, **kwargs):
             engine.new_run()
