@@ -267,16 +267,21 @@ class Engine:
             spec = None
             if ctx.is_main:
                 leaves, tree = pytree.tree_flatten(self.features)
-                spec = (tree, [(tuple(x.shape), x.dtype) for x in leaves])
+                # Encoder modules whose output is not kept (DiT blocks) leave None leaves: not sent.
+                spec = (
+                    tree,
+                    [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in leaves],
+                )
             run.feature_spec = ctx.broadcast_object(spec, src=0)
-        tree, layout = run.feature_spec
+        tree, entries = run.feature_spec
+        layout = [e for e in entries if e is not None]
         dtype = layout[0][1]
         if any(d != dtype for _, d in layout):
             raise RuntimeError("distfd: encoder features of mixed dtypes are not supported across ranks.")
         device = self.ctx.device
         if ctx.is_main:
             leaves, _ = pytree.tree_flatten(self.features)
-            flat = torch.cat([x.reshape(-1) for x in leaves])
+            flat = torch.cat([x.reshape(-1) for x in leaves if isinstance(x, torch.Tensor)])
             self._pending = ctx.broadcast(flat, src=0, async_op=True)
             self._pending_flat = flat  # keep alive until the broadcast completes
             return
@@ -284,7 +289,11 @@ class Engine:
         flat = torch.empty(numel, dtype=dtype, device=device)
         ctx.wait(ctx.broadcast(flat, src=0, async_op=True))
         leaves, start = [], 0
-        for shape, _ in layout:
+        for entry in entries:
+            if entry is None:
+                leaves.append(None)
+                continue
+            shape = entry[0]
             n = int(torch.Size(shape).numel())
             leaves.append(flat[start : start + n].view(shape))
             start += n

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import tiny
 import torch
-from equivalence import check_equivalences
-from tiny_models import control_image, sd_controlnet, sdxl_controlnet
 
 import distfd
+
+from . import tiny
+from .equivalence import check_equivalences
+from .tiny_models import control_image, sd_controlnet, sdxl_controlnet
 
 STEPS, KEYS = 6, [0, 1, 3]
 

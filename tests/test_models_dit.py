@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from equivalence import apply_run, check_equivalences
-from tiny_models import dit, pixart, prompt_embeds
 
 import distfd
 from distfd.adapters.dit import DIT_250, default_encoder_blocks
 from distfd.schedule import PRESETS, resolve_key_steps
+
+from .equivalence import apply_run, check_equivalences
+from .tiny_models import dit, pixart, prompt_embeds
 
 STEPS, KEYS = 6, [0, 1, 3]
 
@@ -61,7 +62,7 @@ def test_dit_encoder_split():
 
 
 def test_encoder_blocks_rejected_for_unet():
-    import tiny
+    from . import tiny
 
     with pytest.raises(ValueError, match="DiT and PixArt only"):
         distfd.apply(tiny.sd(), distfd.FasterDiffusionConfig(encoder_blocks=3))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from equivalence import check_equivalences
-from tiny_models import if_stage1, if_stage2, prompt_embeds, upscaler
 
 from distfd.schedule import PRESETS
+
+from .equivalence import check_equivalences
+from .tiny_models import if_stage1, if_stage2, prompt_embeds, upscaler
 
 STEPS, KEYS = 6, [0, 1, 3]
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import tiny
 import tomesd
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-from equivalence import apply_run, check_equivalences
 from torch.testing import assert_close
 
 import distfd
+
+from . import tiny
+from .equivalence import apply_run, check_equivalences
 
 STEPS, KEYS = 6, [0, 1, 3]
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import tiny
 import torch
 from diffusers import TextToVideoZeroPipeline
-from equivalence import check_equivalences
-from tiny_models import text2video
 
 import distfd
+
+from . import tiny
+from .equivalence import check_equivalences
+from .tiny_models import text2video
 
 STEPS, KEYS = 6, [0, 1, 3]
 

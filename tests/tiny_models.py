@@ -5,7 +5,6 @@ randomised so that every part of each model shows in the result.
 
 from __future__ import annotations
 
-import tiny
 import torch
 from diffusers import (
     ControlNetModel,
@@ -26,6 +25,8 @@ from diffusers import (
 )
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from torch import nn
+
+from . import tiny
 
 
 def randomize(model: nn.Module, std: float = 0.05) -> nn.Module:
@@ -238,3 +239,29 @@ def text2video(sched: str = "ddim", seed: int = 0) -> TextToVideoSDPipeline:
         scheduler=base.scheduler,
     )
     return _quiet(pipe)
+
+
+# Runners with the signature of ``tiny.run`` (final latents or images of one seeded call), so the
+# multi-rank worker can call these pipelines from a JSON spec.
+
+
+def run_dit(pipe, steps: int = 10, seed: int = 0, labels=(3, 7), guidance_scale: float = 4.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    out = pipe(
+        class_labels=list(labels),
+        guidance_scale=guidance_scale,
+        num_inference_steps=steps,
+        generator=g,
+        output_type="pt",
+    )
+    return out.images
+
+
+def run_controlnet(pipe, steps: int = 10, seed: int = 0, **kw) -> torch.Tensor:
+    nets = getattr(pipe.controlnet, "nets", None)
+    image = control_image() if nets is None else [control_image(1 + 2 * i) for i in range(len(nets))]
+    return tiny.run(pipe, steps=steps, seed=seed, image=image, **kw)
+
+
+def sd_multicontrolnet(sched: str = "ddim", seed: int = 0) -> StableDiffusionControlNetPipeline:
+    return sd_controlnet(sched, seed, nets=2)
