@@ -5,6 +5,11 @@ The UNet's own forward keeps running: at non-key steps these modules return thei
 step (class, aug and ``time_embed_act`` included) and the up blocks, runs as usual. ControlNet
 residuals are added by the forward after the down and mid blocks, from the call's arguments (see
 ``controlnet.py`` for how the ControlNet itself is propagated).
+
+img2img and inpainting run a suffix of ``scheduler.timesteps`` (``strength``): key step ``k`` is the
+``k``-th denoiser call of the pipeline call, so index 0 is the first step that actually runs. A
+preset keeps its indices on that shorter loop, and indices past its end are an error that names the
+loop length (give a list of indices, or a preset that fits).
 """
 
 from __future__ import annotations
