@@ -45,8 +45,6 @@ UNET_PIPELINES = (
     "StableDiffusionXLPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
     "StableDiffusionControlNetPipeline",
     "StableDiffusionXLControlNetPipeline",
     "IFPipeline",
