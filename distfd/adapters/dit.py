@@ -85,4 +85,4 @@ class DiTAdapter(Adapter):
 
 
 DIT_PIPELINES = ("DiTPipeline",)
-PIXART_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+PIXART_PIPELINES = ("PixArtAlphaPipeline",)
