@@ -103,7 +103,9 @@ class Engine:
         """Rows of a cached feature for the decoder batch; a feature of B*k rows (video frames) keeps
         each input row's k consecutive rows together."""
         if self.rows is None:  # the decoder rows are the input rows, in order
-            return t
+            # A clone keeps the memory layout a vanilla call would see, and keeps the cache safe
+            # from in-place ops in the decoder (FreeU, T2I adapters) that later steps would inherit.
+            return t.clone()
         per = t.shape[0] // self.batch_rows
         if per * self.batch_rows != t.shape[0]:
             raise RuntimeError(
