@@ -45,9 +45,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def load_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
     """Load the (default: shipped) pipeline in float32 with a DDIM scheduler."""
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path or default_model_path()), torch_dtype=torch.float32
-    )
+    pipe = StableDiffusionPipeline.from_pretrained(str(path or default_model_path()), dtype=torch.float32)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -73,6 +71,20 @@ def sample(
     return np.concatenate(out)
 
 
+def save_grid(images: np.ndarray, path: str | Path, columns: int = 8, scale: int = 4) -> None:
+    """Save ``(n, H, W, 3)`` images in ``[0, 1]`` as one PNG grid, upscaled ``scale`` times."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    canvas = np.ones((rows * h, columns * w, 3), dtype=np.float32)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = im
+    img = Image.fromarray((canvas * 255).round().astype(np.uint8))
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
 def score(judge: Judge, images, labels: dict[str, torch.Tensor], reference=None) -> dict[str, float]:
     """Judge accuracies (incl. ``both`` = shape and colour right) and optional Frechet distance."""
     pred = judge.predict(images)
@@ -91,14 +103,20 @@ def evaluate(
     guidance_scale: float = 7.5,
     seed: int = DEFAULT_EVAL_SEED,
     batch_size: int = 100,
+    grid: Path | None = None,
 ) -> dict:
-    """Full evaluation on ``n`` held-out single-shape captions drawn from ``seed``."""
+    """Full evaluation on ``n`` held-out single-shape captions drawn from ``seed``.
+
+    With ``grid``, the first 64 samples are also saved there as an 8x8 PNG.
+    """
     t0 = time.time()
     pipe = load_pipeline(path)
     judge = load_judge()
     real = generate_scenes(n, seed)  # same captions as the prompts, rendered for reference
     images = sample(pipe, real.captions, steps, guidance_scale, seed, batch_size)
     metrics = score(judge, images, real.labels, reference=real.images)
+    if grid is not None:
+        save_grid(images[:64], grid)
     metrics["real_images"] = score(judge, real.images, real.labels)
     return {
         "model": str(path or default_model_path()),
@@ -122,10 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+    p.add_argument("--grid", type=Path, default=None, help="save the first 64 samples as a PNG grid here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
-    result = evaluate(args.model, args.n, args.steps, args.guidance_scale, args.seed, args.batch_size)
+    result = evaluate(
+        args.model, args.n, args.steps, args.guidance_scale, args.seed, args.batch_size, args.grid
+    )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -51,10 +51,16 @@ def _lr_lambda(total: int, warmup: int):
 
 
 def train_vae(
-    images: torch.Tensor, steps: int, batch_size: int, lr: float, kl_weight: float, gen: torch.Generator
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+    gen: torch.Generator,
+    vae: AutoencoderKL | None = None,
 ):
     """Stage 1: fit the autoencoder to float images in ``[-1, 1]``; returns (vae, final losses)."""
-    vae = models.make_vae()
+    vae = (vae or models.make_vae()).float().train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, max(1, steps // 20)))
     ema_rec = ema_kl = None
@@ -159,13 +165,14 @@ def run(args: argparse.Namespace) -> dict:
 
     data = generate_scenes(args.n_scenes, args.seed, two_shape_prob=args.two_shape_prob)
     images = data.as_float()
-    if args.init_from and args.vae_steps == 0:
-        vae = AutoencoderKL.from_pretrained(str(args.init_from / "vae")).float().eval()
+    init_vae = AutoencoderKL.from_pretrained(str(args.init_from / "vae")) if args.init_from else None
+    if init_vae is not None and args.vae_steps == 0:
+        vae = init_vae.float().eval()
         prev = json.loads((args.init_from / "training.json").read_text())
         vae_losses = {k: v for k, v in prev["final_losses"].items() if k.startswith("vae_")}
     else:
         vae, vae_losses = train_vae(
-            images, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, gen
+            images, args.vae_steps, args.vae_batch_size, args.vae_lr, args.kl_weight, gen, init_vae
         )
     t_vae = time.time() - t0
 
@@ -201,6 +208,9 @@ def run(args: argparse.Namespace) -> dict:
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,
         "init_from": str(args.init_from) if args.init_from else None,
+        "init_from_training": (
+            json.loads((args.init_from / "training.json").read_text()) if args.init_from else None
+        ),
         "final_losses": {**vae_losses, **den_losses},
         "vae_scaling_factor": scaling_factor,
         "parameters": {
@@ -240,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init-from",
         type=Path,
         default=None,
-        help="continue from a saved pipeline directory (with --vae-steps 0 its VAE is kept as is)",
+        help="continue training a saved pipeline directory (with --vae-steps 0 its VAE is kept as is)",
     )
     p.add_argument("--fp16", action="store_true", help="store the weights in float16")
     return p.parse_args(argv)
