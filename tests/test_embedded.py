@@ -20,7 +20,7 @@ def pipe():
     from diffusers import StableDiffusionPipeline
 
     p = StableDiffusionPipeline.from_pretrained(
-        default_model_path(), torch_dtype=torch.float32, local_files_only=True
+        default_model_path(), dtype=torch.float32, local_files_only=True
     )
     p.set_progress_bar_config(disable=True)
     return p
