@@ -190,11 +190,7 @@ def upscaler(seed: int = 0) -> StableDiffusionUpscalePipeline:
     base = tiny.sd("ddim", seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=7,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
+        **{**tiny.UNET_KW, "in_channels": 7},
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
@@ -220,11 +216,7 @@ def text2video(sched: str = "ddim", seed: int = 0) -> TextToVideoSDPipeline:
     base = tiny.sd(sched, seed)
     torch.manual_seed(seed)
     unet = UNet3DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
+        **tiny.UNET_KW,
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=32,
