@@ -1,0 +1,186 @@
+"""Latency benchmark: vanilla diffusers vs distfd (propagate, parallel) vs DeepCache.
+
+One process, one pipeline, same prompt and seed for every method. Also measures the pieces of
+the parallel-decoding critical path and projects it to W devices (``benchmarks/projection.py``).
+
+    python benchmarks/latency.py --arch sd15 --size reduced --scheduler ddim
+    torchrun --nproc-per-node 2 benchmarks/latency.py --arch sd15 --size full   # distributed
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import methods as M
+from benchmarks.measure import ModuleTimer, measure_runs
+from benchmarks.models import ARCHS, RESOLUTION, SCHEDULERS, SIZES, build
+from benchmarks.pieces import measure_pieces
+from benchmarks.projection import key_step_groups, projection_table
+from benchmarks.report import markdown, write_all
+from benchmarks.sysinfo import GpuSampler, host_facts
+
+log = logging.getLogger("benchmarks.latency")
+DEFAULT_PRESET = {("ddim", 50): "sd-ddim-50", ("dpm", 20): "sd-dpm-20"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=ARCHS, default="sd15")
+    p.add_argument("--size", choices=SIZES, default="reduced")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--steps", type=int, help="default 50 (ddim) / 20 (dpm)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default depends on arch/size)")
+    p.add_argument("--key-steps", help="preset name (sd-ddim-50, sd-dpm-20, uniform-K) or comma list of indices")
+    p.add_argument("--noise-alpha", type=float, default=0.003)
+    p.add_argument("--methods", default=",".join(M.METHODS), help=f"comma list from {M.METHODS}")
+    p.add_argument("--deepcache-interval", type=int, default=3)
+    p.add_argument("--deepcache-branch", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
+    p.add_argument("--no-projection", action="store_true", help="skip encoder/decoder piece measurements")
+    p.add_argument("--decoder-rows", default="1,2,4,8,16", help="row counts at which to time the decoder")
+    p.add_argument("--bandwidth-gbps", type=float, default=400.0, help="link bandwidth, Gbit/s, for the projection")
+    p.add_argument("--latency-us", type=float, default=0.0, help="per-collective latency for the projection")
+    p.add_argument("--worlds", default="1,2,4,8", help="world sizes to project")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def resolve_key_steps(spec: str, steps: int) -> tuple[str | list[int], list[int]]:
+    """(what to pass to distfd, the resolved loop indices)."""
+    parsed: str | list[int] = [int(x) for x in spec.split(",")] if spec[0].isdigit() else spec
+    try:
+        from distfd import resolve_key_steps as resolve
+
+        return parsed, list(resolve(parsed, steps))
+    except ImportError:
+        if isinstance(parsed, list):
+            return parsed, sorted(parsed)
+        if parsed.startswith("uniform-"):
+            return parsed, list(range(0, steps, int(parsed.removeprefix("uniform-"))))
+        raise ValueError(f"cannot resolve preset {spec!r} without distfd") from None
+
+
+def _flops_run(bench, run) -> tuple[int, int | None]:
+    mode = FlopCounterMode(display=False)
+    with mode:
+        run()
+    den = mode.get_flop_counts().get(type(bench.denoiser).__name__)
+    return int(mode.get_total_flops()), (int(sum(den.values())) if den else None)
+
+
+def bench_method(name: str, bench, args, opts: dict[str, Any], device: torch.device, rank: int) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": name}
+    try:
+        inst = M.setup(name, bench, opts)
+    except M.Skip as e:
+        log.warning("skipping %s: %s", name, e)
+        return {**rec, "status": "skipped", "reason": str(e)}
+    timer = ModuleTimer(bench.denoiser, device)
+    run = lambda: bench.run(args.prompt, args.steps, args.seed)  # noqa: E731
+    try:
+        with GpuSampler(index=device.index or 0) as sampler:
+            warmup = args.warmup
+            if not args.no_flops:
+                rec["flops"], rec["denoiser_flops"] = _flops_run(bench, run)
+                warmup = max(0, warmup - 1)  # the FLOP-counting run doubles as the first warm-up
+            rec.update(measure_runs(run, timer, device, warmup, args.reps))
+            out = run().images[0]
+        rec["gpu_sampling"] = sampler.summary()
+        rec["image"] = out
+        rec["method_stats"] = inst.stats()
+        rec["info"] = inst.info
+        rec["status"] = "ok"
+    finally:
+        timer.remove()
+        inst.remove()
+    log.info("%s: pipeline %.3f s/img, UNet %.3f s/img", name, rec["pipeline_s"]["median"], rec["denoiser_s"]["median"])
+    return rec
+
+
+def projection(bench, args, key_steps: list[int], device, dtype) -> dict[str, Any]:
+    if bench.arch == "dit":
+        return {"skipped": "projection model is defined for the UNet encoder/decoder split only"}
+    rows = [int(r) for r in args.decoder_rows.split(",")]
+    pieces, raw = measure_pieces(bench.denoiser, bench.resolution // bench.pipe.vae_scale_factor, 2, rows, device, dtype)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    table = projection_table(pieces, key_steps, args.steps, worlds, args.bandwidth_gbps, args.latency_us * 1e-6)
+    return {"pieces": raw, "bandwidth_gbps": args.bandwidth_gbps, "latency_us": args.latency_us,
+            "groups": [len(g) for g in key_step_groups(key_steps, args.steps)], "table": table,
+            "note": "projected from single-device measurements; not a measured multi-device run"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.steps = args.steps or (50 if args.scheduler == "ddim" else 20)
+    spec = args.key_steps or DEFAULT_PRESET.get((args.scheduler, args.steps), "uniform-5")
+    ks_arg, key_steps = resolve_key_steps(spec, args.steps)
+
+    ctx, rank, world = None, 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import distfd
+
+        ctx = distfd.DistContext.from_env()
+        rank, device = ctx.rank, ctx.device
+    else:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    res = args.resolution or RESOLUTION[(args.arch, args.size)]
+    log.info("building %s/%s at %dpx on %s (%s)", args.arch, args.size, res, device, dtype)
+    bench = build(args.arch, args.size, args.scheduler, device, dtype, res, seed=args.seed)
+
+    opts = {"key_steps": ks_arg, "noise_alpha": args.noise_alpha, "context": ctx, "scheduler": args.scheduler,
+            "deepcache_interval": args.deepcache_interval, "deepcache_branch": args.deepcache_branch}
+    recs = [bench_method(n.strip(), bench, args, opts, device, rank) for n in args.methods.split(",")]
+    images = {r["name"]: r.pop("image", None) for r in recs}
+    vanilla = next((r for r in recs if r["name"] == "vanilla" and r["status"] == "ok"), None)
+    for r in recs:
+        if vanilla and r["status"] == "ok":
+            r["speedup_pipeline"] = vanilla["pipeline_s"]["median"] / r["pipeline_s"]["median"]
+            r["speedup_denoiser"] = vanilla["denoiser_s"]["median"] / r["denoiser_s"]["median"]
+            r["image_mean_abs_diff_vs_vanilla"] = M.image_diff(images[r["name"]], images["vanilla"])
+
+    result: dict[str, Any] = {
+        "config": {"arch": args.arch, "size": args.size, "resolution": res, "scheduler": args.scheduler,
+                   "steps": args.steps, "key_steps_spec": spec, "key_steps_resolved": key_steps,
+                   "dtype": str(dtype).removeprefix("torch."), "warmup": args.warmup, "reps": args.reps,
+                   "seed": args.seed, "prompt": args.prompt, "world_size": world, "guidance_scale": bench.guidance_scale,
+                   "text_encoding": "random-weight CLIP text encoder(s) of the published size, inside the timed call"},
+        "host": host_facts(device, sys.argv if argv is None else ["benchmarks/latency.py", *argv], args.seed),
+        "methods": recs,
+    }
+    if not args.no_projection and world == 1:
+        result["projection"] = projection(bench, args, key_steps, device, dtype)
+    if rank == 0:
+        paths = write_all(result, args.out_dir)
+        print(markdown(result))
+        print("wrote", *(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Timing, memory and FLOP measurement primitives (no CLI, no I/O besides /proc)."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger(__name__)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ModuleTimer:
+    """Accumulates wall time spent inside ``module.__call__`` (forward pre/post hooks).
+
+    Re-entrant calls are counted once (outermost call only). On CUDA the device is synchronised
+    at entry and exit so the time covers the kernels launched by the forward.
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self.calls = 0
+        self._depth = 0
+        self._t0 = 0.0
+        self._handles = [
+            module.register_forward_pre_hook(self._pre),
+            module.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _pre(self, *_: Any) -> None:
+        if self._depth == 0:
+            sync(self.device)
+            self._t0 = time.perf_counter()
+        self._depth += 1
+
+    def _post(self, *_: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            sync(self.device)
+            self.seconds += time.perf_counter() - self._t0
+            self.calls += 1
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self._depth = 0.0, 0, 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _read_vmhwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory between ``reset()`` and ``read()``.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: process peak RSS (VmHWM), reset through
+    ``/proc/self/clear_refs`` (Linux >= 4.0); if the reset is not permitted the reading is the
+    process-lifetime peak and ``kind`` says so.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.kind = "cpu_peak_rss_process_lifetime"
+
+    def read(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return _read_vmhwm()
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``fn`` under ``FlopCounterMode`` and return (total FLOPs, result).
+
+    FlopCounterMode counts one multiply-add as 2 FLOPs (matmul, conv, SDPA); elementwise ops
+    (norms, activations, scheduler arithmetic) are not counted.
+    """
+    mode = FlopCounterMode(display=False)
+    with mode:
+        out = fn()
+    return int(mode.get_total_flops()), out
+
+
+def summarize(samples: list[float]) -> dict[str, float | int]:
+    """Median, quartiles, min/max, mean of a non-empty sample list."""
+    if not samples:
+        raise ValueError("no samples")
+    xs = sorted(samples)
+    if len(xs) >= 2:
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    else:
+        q1 = q3 = xs[0]
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0],
+            "max": xs[-1], "mean": statistics.fmean(xs), "n": len(xs), "samples": list(samples)}
+
+
+def measure_runs(run: Callable[[], Any], timer: ModuleTimer, device: torch.device, warmup: int,
+                 reps: int, images_per_call: int = 1) -> dict[str, Any]:
+    """Warm up, then time ``reps`` calls of ``run``: whole-call and denoiser-only seconds per image."""
+    mem = PeakMemory(device)
+    for i in range(warmup):
+        log.info("warm-up %d/%d", i + 1, warmup)
+        run()
+    mem.reset()
+    pipe_s: list[float] = []
+    den_s: list[float] = []
+    calls = 0
+    for i in range(reps):
+        timer.reset()
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        pipe_s.append((time.perf_counter() - t0) / images_per_call)
+        den_s.append(timer.seconds / images_per_call)
+        calls = timer.calls
+        log.info("rep %d/%d: %.3f s/image (denoiser %.3f s)", i + 1, reps, pipe_s[-1], den_s[-1])
+    return {"pipeline_s": summarize(pipe_s), "denoiser_s": summarize(den_s), "denoiser_calls": calls,
+            "peak_memory_bytes": mem.read(), "peak_memory_kind": mem.kind}

@@ -1,0 +1,106 @@
+"""Write a benchmark result as JSON, a Markdown table and a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def result_stem(res: dict[str, Any]) -> str:
+    """e.g. ``sd15-reduced128-ddim50-cpu-w1-20250101T120000``."""
+    cfg, host = res["config"], res["host"]
+    dev = host.get("cuda", {}).get("device_name") or "cpu"
+    dev = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
+    stamp = re.sub(r"[^0-9T]", "", host["timestamp"].split("+")[0])
+    return (f"{cfg['arch']}-{cfg['size']}{cfg['resolution']}-{cfg['scheduler']}{cfg['steps']}-{dev}"
+            f"-w{cfg['world_size']}-{stamp}")
+
+
+def _fmt_s(s: dict[str, Any] | None) -> str:
+    if not s:
+        return "n/a"
+    return f"{s['median']:.3f} [{s['min']:.3f}–{s['max']:.3f}]"
+
+
+def _fmt_mem(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**30:.2f}"
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}×"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    cfg, host = res["config"], res["host"]
+    dev = host.get("cuda", {}).get("device_name") or f"CPU: {host['cpu']['model']} ({host['cpu']['logical_cores']} cores)"
+    lines = [
+        f"### {cfg['arch']} ({cfg['size']}, {cfg['resolution']}×{cfg['resolution']}), "
+        f"{cfg['scheduler']}-{cfg['steps']}, key steps {cfg['key_steps_resolved']}",
+        "",
+        f"Device: {dev}; dtype {cfg['dtype']}; world size {cfg['world_size']}; "
+        f"{cfg['warmup']} warm-up + {cfg['reps']} timed runs per method; seed {cfg['seed']}; {host['timestamp']}; "
+        f"load average at start {host.get('load_average_1_5_15', ['?'])[0]:.1f}, torch threads {host['cpu']['torch_threads']}.",
+        "",
+        f"Command: `{host['command']}`",
+        "",
+        "| method | pipeline s/img median [min–max] | UNet s/img median [min–max] | speed-up pipeline "
+        "| speed-up UNet | UNet calls/img | GFLOPs/img | peak mem GiB | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in res["methods"]:
+        if m["status"] != "ok":
+            lines.append(f"| {m['name']} | skipped | | | | | | | {m['reason']} |")
+            continue
+        gf = "n/a" if m.get("flops") is None else f"{m['flops'] / 1e9:,.{0 if m['flops'] >= 1e11 else 2}f}"
+        lines.append(
+            f"| {m['name']} | {_fmt_s(m['pipeline_s'])} | {_fmt_s(m['denoiser_s'])} | "
+            f"{_x(m.get('speedup_pipeline'))} | {_x(m.get('speedup_denoiser'))} | {m['denoiser_calls']} | {gf} | "
+            f"{_fmt_mem(m['peak_memory_bytes'])} | {m.get('note', '')} |")
+    proj = res.get("projection")
+    if proj and proj.get("table"):
+        lines += ["", f"Projected (not measured) parallel-decoding critical path, link {proj['bandwidth_gbps']} Gbit/s, "
+                  f"from single-device pieces measured on this device (UNet only):", "",
+                  "| W | UNet s/img | encoder | broadcast | decoder | gather | speed-up vs vanilla UNet |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in proj["table"]:
+            lines.append(f"| {r['world']} | {r['total_s']:.3f} | {r['encoder_s']:.3f} | {r['broadcast_s']:.4f} | "
+                         f"{r['decoder_s']:.3f} | {r['gather_s']:.4f} | {r['speedup_vs_vanilla']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    ok = [m for m in res["methods"] if m["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(ok) + 2), 4))
+    width = 0.38
+    for j, (key, label) in enumerate((("pipeline_s", "whole pipeline"), ("denoiser_s", "UNet only"))):
+        xs = [i + (j - 0.5) * width for i in range(len(ok))]
+        med = [m[key]["median"] for m in ok]
+        err = [[m[key]["median"] - m[key]["min"] for m in ok], [m[key]["max"] - m[key]["median"] for m in ok]]
+        ax.bar(xs, med, width, yerr=err, capsize=3, label=label)
+    ax.set_xticks(range(len(ok)), [m["name"] for m in ok], rotation=15)
+    ax.set_ylabel("seconds per image (median, min–max)")
+    cfg = res["config"]
+    dev = res["host"].get("cuda", {}).get("device_name") or "CPU"
+    ax.set_title(f"{cfg['arch']} {cfg['resolution']}px {cfg['scheduler']}-{cfg['steps']} on {dev}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(res: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(res)
+    paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    res = {**res, "files": {k: p.name for k, p in paths.items()}}
+    paths["json"].write_text(json.dumps(res, indent=2, default=str) + "\n")
+    paths["md"].write_text(markdown(res))
+    chart(res, paths["png"])
+    return paths
