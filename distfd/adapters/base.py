@@ -1,0 +1,51 @@
+"""What distfd needs to know about a denoiser to split it into encoder and decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderModule:
+    """One module of the encoder, in call order.
+
+    ``keep``: its output is cached and replayed to the decoder (UNet skips). A module that is not
+    kept is skipped at non-key steps and hands on the last module's cached output instead (DiT
+    blocks inside the encoder: only the hidden states leaving the encoder matter).
+    """
+
+    name: str
+    module: nn.Module
+    keep: bool = True
+
+
+@dataclass
+class Adapter:
+    """How to split one denoiser class; subclasses fill in the model-specific parts."""
+
+    name: str
+    denoiser_attr: str = "unet"
+    sample_arg: str = "sample"
+    timestep_arg: str = "timestep"
+    pipelines: tuple[str, ...] = field(default_factory=tuple)
+
+    def encoder_modules(self, model: nn.Module) -> list[EncoderModule]:
+        raise NotImplementedError
+
+    def output_row_shape(self, model: nn.Module, sample: torch.Tensor) -> tuple[int, ...]:
+        """Shape of one row of the denoiser's prediction for this input."""
+        raise NotImplementedError
+
+    def get_sample(self, output: Any) -> torch.Tensor:
+        return output[0] if isinstance(output, tuple) else output.sample
+
+    def make_output(self, sample: torch.Tensor, return_dict: bool) -> Any:
+        raise NotImplementedError
+
+    def condition_tensor(self, call: dict[str, Any]) -> torch.Tensor | None:
+        """The conditioning that identifies the prompt (checked to agree across ranks)."""
+        return call.get("encoder_hidden_states")

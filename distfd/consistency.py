@@ -1,0 +1,63 @@
+"""Checks, at the first step of every run, that all ranks are generating the same image."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .config import FasterDiffusionConfig
+from .runtime import DistContext, DistributedError
+
+
+def _checksum(t: torch.Tensor | None) -> tuple[float, float] | None:
+    if t is None or not isinstance(t, torch.Tensor):
+        return None
+    x = t.detach().double()
+    return (float(x.sum()), float(x.abs().sum()))
+
+
+def fingerprint(
+    config: FasterDiffusionConfig,
+    key_steps: tuple[int, ...],
+    timesteps: torch.Tensor,
+    sample: torch.Tensor,
+    cond: torch.Tensor | None,
+) -> dict[str, Any]:
+    """What must be equal on every rank for their shares to belong to the same image."""
+    return {
+        "step count": len(timesteps),
+        "timesteps": [float(timesteps[0]), float(timesteps[-1]), float(timesteps.double().sum())],
+        "key steps": list(key_steps),
+        "mode": config.mode,
+        "encoder placement": config.encoder,
+        "max_parallel_steps": config.max_parallel_steps,
+        "latent shape (batch, size)": list(sample.shape),
+        "dtype": str(sample.dtype),
+        "prompt embedding checksum": _checksum(cond),
+    }
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
+    return a == b
+
+
+def check_agreement(ctx: DistContext, mine: dict[str, Any]) -> None:
+    """All-gather the fingerprints; every rank raises the same error if any rank differs from rank 0."""
+    if ctx.world_size == 1:
+        return
+    prints = ctx.all_gather_object(mine)
+    ref = prints[0]
+    for rank, other in enumerate(prints[1:], start=1):
+        for key in ref:
+            if not _close(ref[key], other.get(key)):
+                raise DistributedError(
+                    f"ranks disagree on {key}: rank 0 has {ref[key]}, rank {rank} has {other.get(key)}. "
+                    "Every rank must call the pipeline with the same prompt, seed-independent arguments "
+                    "(steps, size, guidance) and distfd config."
+                )

@@ -1,0 +1,92 @@
+"""Reversible hooks: the denoiser's forward, its encoder modules' forwards, the scheduler's methods.
+
+Modules are wrapped through diffusers' ``HookRegistry``; ``remove`` leaves each module and the
+scheduler exactly as they were (no instance attributes left behind).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from .engine import Engine
+
+HOOK_NAME = "distfd"
+
+
+class EncoderModuleHook(ModelHook):
+    """Records an encoder module's output at key steps and replays it at the others."""
+
+    def __init__(self, engine: Engine, index: int) -> None:
+        super().__init__()
+        self.engine, self.index = engine, index
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        return self.engine.module_forward(self.index, self.fn_ref.original_forward, args, kwargs)
+
+
+class DenoiserHook(ModelHook):
+    """Routes each denoiser call of the sampling loop through the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        return self.engine.denoiser_forward(self.fn_ref.original_forward, args, kwargs)
+
+
+class ModuleHooks:
+    """Installs hooks on modules and removes them without a trace."""
+
+    def __init__(self) -> None:
+        self._installed: list[tuple[nn.Module, bool, bool]] = []
+
+    def add(self, module: nn.Module, hook: ModelHook) -> None:
+        had_registry = hasattr(module, "_diffusers_hook")
+        had_forward = "forward" in module.__dict__
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        self._installed.append((module, had_registry, had_forward))
+
+    def remove(self) -> None:
+        for module, had_registry, had_forward in reversed(self._installed):
+            registry = module._diffusers_hook
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if not had_registry and not registry.hooks:
+                del module._diffusers_hook
+                if not had_forward and "forward" in module.__dict__:
+                    del module.forward
+        self._installed.clear()
+
+
+class SchedulerHooks:
+    """Wraps a scheduler's ``set_timesteps`` (a new run) and ``step`` (noise injection, final sync)."""
+
+    def __init__(self, scheduler: Any, engine: Engine) -> None:
+        self.scheduler, self.engine = scheduler, engine
+        self._saved = {name: scheduler.__dict__.get(name) for name in ("set_timesteps", "step")}
+        set_timesteps, step = scheduler.set_timesteps, scheduler.step
+
+        def wrapped_set_timesteps(*args, **kwargs):
+            engine.new_run()
+            return set_timesteps(*args, **kwargs)
+
+        def wrapped_step(model_output, timestep, sample=None, *args, **kwargs):
+            if sample is None:
+                sample = kwargs.pop("sample")
+            sample = engine.before_update(timestep, sample)
+            out = step(model_output, timestep, sample, *args, **kwargs)
+            engine.after_update(out[0] if isinstance(out, tuple) else out.prev_sample)
+            return out
+
+        scheduler.set_timesteps = wrapped_set_timesteps
+        scheduler.step = wrapped_step
+
+    def remove(self) -> None:
+        for name, saved in self._saved.items():
+            if saved is None:
+                self.scheduler.__dict__.pop(name, None)
+            else:
+                setattr(self.scheduler, name, saved)
