@@ -85,6 +85,18 @@ def _flops_run(bench, run) -> tuple[int, int | None]:
     return int(mode.get_total_flops()), (int(sum(den.values())) if den else None)
 
 
+CUMULATIVE = ("encoder_passes", "decoder_passes", "decoder_rows", "steps")
+
+
+def per_image_stats(before: dict[str, Any], after: dict[str, Any], reps: int) -> dict[str, Any]:
+    """distfd counters per image over the timed runs; communication counters are the latest run's."""
+    out = dict(after)
+    for k in CUMULATIVE:
+        if k in after:
+            out[k] = (after[k] - before.get(k, 0)) / reps
+    return out
+
+
 def bench_method(name: str, bench, args, opts: dict[str, Any], device: torch.device, rank: int) -> dict[str, Any]:
     rec: dict[str, Any] = {"name": name}
     try:
@@ -100,11 +112,11 @@ def bench_method(name: str, bench, args, opts: dict[str, Any], device: torch.dev
             if not args.no_flops:
                 rec["flops"], rec["denoiser_flops"] = _flops_run(bench, run)
                 warmup = max(0, warmup - 1)  # the FLOP-counting run doubles as the first warm-up
+            before = inst.stats()
             rec.update(measure_runs(run, timer, device, warmup, args.reps))
-            out = run().images[0]
         rec["gpu_sampling"] = sampler.summary()
-        rec["image"] = out
-        rec["method_stats"] = inst.stats()
+        rec["image"] = rec.pop("output").images[0]
+        rec["method_stats"] = per_image_stats(before, inst.stats(), args.reps)
         rec["info"] = inst.info
         rec["status"] = "ok"
     finally:

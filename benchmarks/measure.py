@@ -124,7 +124,10 @@ def summarize(samples: list[float]) -> dict[str, float | int]:
 
 def measure_runs(run: Callable[[], Any], timer: ModuleTimer, device: torch.device, warmup: int,
                  reps: int, images_per_call: int = 1) -> dict[str, Any]:
-    """Warm up, then time ``reps`` calls of ``run``: whole-call and denoiser-only seconds per image."""
+    """Warm up, then time ``reps`` calls of ``run``: whole-call and denoiser-only seconds per image.
+
+    The output of the last timed call is returned under ``"output"``.
+    """
     mem = PeakMemory(device)
     for i in range(warmup):
         log.info("warm-up %d/%d", i + 1, warmup)
@@ -133,15 +136,16 @@ def measure_runs(run: Callable[[], Any], timer: ModuleTimer, device: torch.devic
     pipe_s: list[float] = []
     den_s: list[float] = []
     calls = 0
+    out: Any = None
     for i in range(reps):
         timer.reset()
         sync(device)
         t0 = time.perf_counter()
-        run()
+        out = run()
         sync(device)
         pipe_s.append((time.perf_counter() - t0) / images_per_call)
         den_s.append(timer.seconds / images_per_call)
         calls = timer.calls
         log.info("rep %d/%d: %.3f s/image (denoiser %.3f s)", i + 1, reps, pipe_s[-1], den_s[-1])
     return {"pipeline_s": summarize(pipe_s), "denoiser_s": summarize(den_s), "denoiser_calls": calls,
-            "peak_memory_bytes": mem.read(), "peak_memory_kind": mem.kind}
+            "peak_memory_bytes": mem.read(), "peak_memory_kind": mem.kind, "output": out}

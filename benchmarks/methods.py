@@ -40,10 +40,12 @@ def _distfd_supports(bench: Bench) -> str | None:
         return f"distfd not importable: {e}"
     if not hasattr(distfd, "apply"):
         return "distfd.apply not available in this distfd version (core library not landed)"
-    if bench.arch == "dit":
-        support = getattr(distfd, "supports", None)
-        if support is None or not support(bench.pipe):
-            return "distfd has no DiT support in this version"
+    name = type(bench.denoiser).__name__
+    supported = distfd.supported() if hasattr(distfd, "supported") else {}
+    if name not in supported:
+        return f"distfd {getattr(distfd, '__version__', '?')} does not support {name} (supported: {sorted(supported)})"
+    if type(bench.pipe).__name__ not in supported[name]:
+        return f"distfd does not support {type(bench.pipe).__name__} (supported: {supported[name]})"
     return None
 
 

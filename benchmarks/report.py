@@ -67,11 +67,11 @@ def markdown(res: dict[str, Any]) -> str:
     if proj and proj.get("table"):
         lines += ["", f"Projected (not measured) parallel-decoding critical path, link {proj['bandwidth_gbps']} Gbit/s, "
                   f"from single-device pieces measured on this device (UNet only):", "",
-                  "| W | UNet s/img | encoder | broadcast | decoder | gather | speed-up vs vanilla UNet |",
+                  "| W | UNet s/img | encoder s | broadcast ms | decoder s | gather ms | speed-up vs vanilla UNet |",
                   "|---|---|---|---|---|---|---|"]
         for r in proj["table"]:
-            lines.append(f"| {r['world']} | {r['total_s']:.3f} | {r['encoder_s']:.3f} | {r['broadcast_s']:.4f} | "
-                         f"{r['decoder_s']:.3f} | {r['gather_s']:.4f} | {r['speedup_vs_vanilla']:.2f}× |")
+            lines.append(f"| {r['world']} | {r['total_s']:.3f} | {r['encoder_s']:.3f} | {r['broadcast_s'] * 1e3:.3f} | "
+                         f"{r['decoder_s']:.3f} | {r['gather_s'] * 1e3:.3f} | {r['speedup_vs_vanilla']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 
