@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--steps", type=int, help="default 50 (ddim) / 20 (dpm)")
     p.add_argument("--resolution", type=int, help="image side in pixels (default depends on arch/size)")
-    p.add_argument("--key-steps", help="preset name (sd-ddim-50, sd-dpm-20, uniform-K) or comma list of indices")
+    p.add_argument(
+        "--key-steps", help="preset name (sd-ddim-50, sd-dpm-20, uniform-K) or comma list of indices"
+    )
     p.add_argument("--noise-alpha", type=float, default=0.003)
     p.add_argument("--methods", default=",".join(M.METHODS), help=f"comma list from {M.METHODS}")
     p.add_argument("--deepcache-interval", type=int, default=3)
@@ -53,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting run")
     p.add_argument("--no-projection", action="store_true", help="skip encoder/decoder piece measurements")
     p.add_argument("--decoder-rows", default="1,2,4,8,16", help="row counts at which to time the decoder")
-    p.add_argument("--bandwidth-gbps", type=float, default=400.0, help="link bandwidth, Gbit/s, for the projection")
+    p.add_argument(
+        "--bandwidth-gbps", type=float, default=400.0, help="link bandwidth, Gbit/s, for the projection"
+    )
     p.add_argument("--latency-us", type=float, default=0.0, help="per-collective latency for the projection")
     p.add_argument("--worlds", default="1,2,4,8", help="world sizes to project")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -97,7 +101,9 @@ def per_image_stats(before: dict[str, Any], after: dict[str, Any], reps: int) ->
     return out
 
 
-def bench_method(name: str, bench, args, opts: dict[str, Any], device: torch.device, rank: int) -> dict[str, Any]:
+def bench_method(
+    name: str, bench, args, opts: dict[str, Any], device: torch.device, rank: int
+) -> dict[str, Any]:
     rec: dict[str, Any] = {"name": name}
     try:
         inst = M.setup(name, bench, opts)
@@ -122,7 +128,12 @@ def bench_method(name: str, bench, args, opts: dict[str, Any], device: torch.dev
     finally:
         timer.remove()
         inst.remove()
-    log.info("%s: pipeline %.3f s/img, UNet %.3f s/img", name, rec["pipeline_s"]["median"], rec["denoiser_s"]["median"])
+    log.info(
+        "%s: pipeline %.3f s/img, UNet %.3f s/img",
+        name,
+        rec["pipeline_s"]["median"],
+        rec["denoiser_s"]["median"],
+    )
     return rec
 
 
@@ -130,18 +141,29 @@ def projection(bench, args, key_steps: list[int], device, dtype) -> dict[str, An
     if bench.arch == "dit":
         return {"skipped": "projection model is defined for the UNet encoder/decoder split only"}
     rows = [int(r) for r in args.decoder_rows.split(",")]
-    pieces, raw = measure_pieces(bench.denoiser, bench.resolution // bench.pipe.vae_scale_factor, 2, rows, device, dtype)
+    pieces, raw = measure_pieces(
+        bench.denoiser, bench.resolution // bench.pipe.vae_scale_factor, 2, rows, device, dtype
+    )
     worlds = [int(w) for w in args.worlds.split(",")]
-    table = projection_table(pieces, key_steps, args.steps, worlds, args.bandwidth_gbps, args.latency_us * 1e-6)
-    return {"pieces": raw, "bandwidth_gbps": args.bandwidth_gbps, "latency_us": args.latency_us,
-            "groups": [len(g) for g in key_step_groups(key_steps, args.steps)], "table": table,
-            "note": "projected from single-device measurements; not a measured multi-device run"}
+    table = projection_table(
+        pieces, key_steps, args.steps, worlds, args.bandwidth_gbps, args.latency_us * 1e-6
+    )
+    return {
+        "pieces": raw,
+        "bandwidth_gbps": args.bandwidth_gbps,
+        "latency_us": args.latency_us,
+        "groups": [len(g) for g in key_step_groups(key_steps, args.steps)],
+        "table": table,
+        "note": "projected from single-device measurements; not a measured multi-device run",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     log.setLevel(logging.INFO)
     from diffusers.utils import logging as dlog
 
@@ -162,11 +184,18 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     res = args.resolution or RESOLUTION[(args.arch, args.size)]
+    host = host_facts(device, sys.argv if argv is None else ["benchmarks/latency.py", *argv], args.seed)
     log.info("building %s/%s at %dpx on %s (%s)", args.arch, args.size, res, device, dtype)
     bench = build(args.arch, args.size, args.scheduler, device, dtype, res, seed=args.seed)
 
-    opts = {"key_steps": ks_arg, "noise_alpha": args.noise_alpha, "context": ctx, "scheduler": args.scheduler,
-            "deepcache_interval": args.deepcache_interval, "deepcache_branch": args.deepcache_branch}
+    opts = {
+        "key_steps": ks_arg,
+        "noise_alpha": args.noise_alpha,
+        "context": ctx,
+        "scheduler": args.scheduler,
+        "deepcache_interval": args.deepcache_interval,
+        "deepcache_branch": args.deepcache_branch,
+    }
     recs = [bench_method(n.strip(), bench, args, opts, device, rank) for n in args.methods.split(",")]
     images = {r["name"]: r.pop("image", None) for r in recs}
     vanilla = next((r for r in recs if r["name"] == "vanilla" and r["status"] == "ok"), None)
@@ -177,12 +206,24 @@ def main(argv: list[str] | None = None) -> int:
             r["image_mean_abs_diff_vs_vanilla"] = M.image_diff(images[r["name"]], images["vanilla"])
 
     result: dict[str, Any] = {
-        "config": {"arch": args.arch, "size": args.size, "resolution": res, "scheduler": args.scheduler,
-                   "steps": args.steps, "key_steps_spec": spec, "key_steps_resolved": key_steps,
-                   "dtype": str(dtype).removeprefix("torch."), "warmup": args.warmup, "reps": args.reps,
-                   "seed": args.seed, "prompt": args.prompt, "world_size": world, "guidance_scale": bench.guidance_scale,
-                   "text_encoding": "random-weight CLIP text encoder(s) of the published size, inside the timed call"},
-        "host": host_facts(device, sys.argv if argv is None else ["benchmarks/latency.py", *argv], args.seed),
+        "config": {
+            "arch": args.arch,
+            "size": args.size,
+            "resolution": res,
+            "scheduler": args.scheduler,
+            "steps": args.steps,
+            "key_steps_spec": spec,
+            "key_steps_resolved": key_steps,
+            "dtype": str(dtype).removeprefix("torch."),
+            "warmup": args.warmup,
+            "reps": args.reps,
+            "seed": args.seed,
+            "prompt": args.prompt,
+            "world_size": world,
+            "guidance_scale": bench.guidance_scale,
+            "text_encoding": "random-weight CLIP text encoder(s) of the published size, inside the timed call",
+        },
+        "host": {**host, "load_average_end": list(os.getloadavg())},
         "methods": recs,
     }
     if not args.no_projection and world == 1:

@@ -118,12 +118,27 @@ def summarize(samples: list[float]) -> dict[str, float | int]:
         q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
     else:
         q1 = q3 = xs[0]
-    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": xs[0],
-            "max": xs[-1], "mean": statistics.fmean(xs), "n": len(xs), "samples": list(samples)}
+    return {
+        "median": statistics.median(xs),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": xs[0],
+        "max": xs[-1],
+        "mean": statistics.fmean(xs),
+        "n": len(xs),
+        "samples": list(samples),
+    }
 
 
-def measure_runs(run: Callable[[], Any], timer: ModuleTimer, device: torch.device, warmup: int,
-                 reps: int, images_per_call: int = 1) -> dict[str, Any]:
+def measure_runs(
+    run: Callable[[], Any],
+    timer: ModuleTimer,
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    images_per_call: int = 1,
+) -> dict[str, Any]:
     """Warm up, then time ``reps`` calls of ``run``: whole-call and denoiser-only seconds per image.
 
     The output of the last timed call is returned under ``"output"``.
@@ -147,5 +162,11 @@ def measure_runs(run: Callable[[], Any], timer: ModuleTimer, device: torch.devic
         den_s.append(timer.seconds / images_per_call)
         calls = timer.calls
         log.info("rep %d/%d: %.3f s/image (denoiser %.3f s)", i + 1, reps, pipe_s[-1], den_s[-1])
-    return {"pipeline_s": summarize(pipe_s), "denoiser_s": summarize(den_s), "denoiser_calls": calls,
-            "peak_memory_bytes": mem.read(), "peak_memory_kind": mem.kind, "output": out}
+    return {
+        "pipeline_s": summarize(pipe_s),
+        "denoiser_s": summarize(den_s),
+        "denoiser_calls": calls,
+        "peak_memory_bytes": mem.read(),
+        "peak_memory_kind": mem.kind,
+        "output": out,
+    }

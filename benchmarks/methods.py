@@ -49,18 +49,26 @@ def _distfd_supports(bench: Bench) -> str | None:
     return None
 
 
-def setup_distfd(bench: Bench, mode: str, key_steps: str | list[int], noise_alpha: float,
-                 context: Any = None) -> Installed:
+def setup_distfd(
+    bench: Bench, mode: str, key_steps: str | list[int], noise_alpha: float, context: Any = None
+) -> Installed:
     reason = _distfd_supports(bench)
     if reason:
         raise Skip(reason)
     import distfd
 
     cfg = distfd.FasterDiffusionConfig(key_steps=key_steps, mode=mode, noise_alpha=noise_alpha)
-    handle = distfd.apply(bench.pipe, cfg, context=context) if context is not None else distfd.apply(bench.pipe, cfg)
+    handle = (
+        distfd.apply(bench.pipe, cfg, context=context)
+        if context is not None
+        else distfd.apply(bench.pipe, cfg)
+    )
     stats = getattr(handle, "stats", dict)
-    return Installed(remove=handle.remove, stats=stats,
-                     info={"key_steps": key_steps, "mode": mode, "noise_alpha": noise_alpha})
+    return Installed(
+        remove=handle.remove,
+        stats=stats,
+        info={"key_steps": key_steps, "mode": mode, "noise_alpha": noise_alpha},
+    )
 
 
 def _final_latents(bench: Bench, steps: int, seed: int) -> torch.Tensor:
@@ -96,8 +104,10 @@ def deepcache_compat_check(arch: str, scheduler: str) -> str | None:
             if interval == 1 and not torch.equal(out, ref):
                 return "DeepCache with cache_interval=1 does not reproduce vanilla output"
             if interval == 3 and (torch.equal(out, ref) or calls["n"] != 2):
-                return (f"DeepCache with cache_interval=3 ran the deep up block {calls['n']} times "
-                        f"in {steps} steps (expected 2) or did not change the output")
+                return (
+                    f"DeepCache with cache_interval=3 ran the deep up block {calls['n']} times "
+                    f"in {steps} steps (expected 2) or did not change the output"
+                )
         if not torch.equal(_final_latents(bench, steps, 0), ref):
             return "DeepCache.disable() did not restore vanilla output"
     except Exception as e:  # noqa: BLE001 - record exactly why it fails with this diffusers
@@ -118,16 +128,23 @@ def setup_deepcache(bench: Bench, scheduler: str, interval: int, branch: int) ->
     helper = DeepCacheSDHelper(pipe=bench.pipe)
     helper.set_params(cache_interval=interval, cache_branch_id=branch)
     helper.enable()
-    return Installed(remove=helper.disable, info={"cache_interval": interval, "cache_branch_id": branch,
-                                                  "compat_check": "passed (tiny pipeline, same family)"})
+    return Installed(
+        remove=helper.disable,
+        info={
+            "cache_interval": interval,
+            "cache_branch_id": branch,
+            "compat_check": "passed (tiny pipeline, same family)",
+        },
+    )
 
 
 def setup(name: str, bench: Bench, opts: dict[str, Any]) -> Installed:
     if name == "vanilla":
         return Installed()
     if name in ("distfd-propagate", "distfd-parallel"):
-        return setup_distfd(bench, name.split("-", 1)[1], opts["key_steps"], opts["noise_alpha"],
-                            opts.get("context"))
+        return setup_distfd(
+            bench, name.split("-", 1)[1], opts["key_steps"], opts["noise_alpha"], opts.get("context")
+        )
     if name == "deepcache":
         return setup_deepcache(bench, opts["scheduler"], opts["deepcache_interval"], opts["deepcache_branch"])
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")

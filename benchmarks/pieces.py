@@ -67,8 +67,9 @@ class _SplitProbe:
             h.remove()
 
 
-def _unet_inputs(unet: torch.nn.Module, rows: int, latent: int, device: torch.device, dtype: torch.dtype
-                 ) -> dict[str, Any]:
+def _unet_inputs(
+    unet: torch.nn.Module, rows: int, latent: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
     cfg = unet.config
     kw: dict[str, Any] = {
         "sample": torch.randn(rows, cfg.in_channels, latent, latent, device=device, dtype=dtype),
@@ -78,14 +79,23 @@ def _unet_inputs(unet: torch.nn.Module, rows: int, latent: int, device: torch.de
     }
     if cfg.addition_embed_type == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(rows, pooled, device=device, dtype=dtype),
-                                   "time_ids": torch.randn(rows, 6, device=device, dtype=dtype)}
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(rows, pooled, device=device, dtype=dtype),
+            "time_ids": torch.randn(rows, 6, device=device, dtype=dtype),
+        }
     return kw
 
 
 @torch.no_grad()
-def measure_pieces(unet: torch.nn.Module, latent: int, batch_rows: int, decoder_rows: list[int],
-                   device: torch.device, dtype: torch.dtype, reps: int = 3) -> tuple[Pieces, dict[str, Any]]:
+def measure_pieces(
+    unet: torch.nn.Module,
+    latent: int,
+    batch_rows: int,
+    decoder_rows: list[int],
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int = 3,
+) -> tuple[Pieces, dict[str, Any]]:
     """Median encoder time at ``batch_rows`` and decoder time for each of ``decoder_rows``."""
     probe = _SplitProbe(unet, device)
     enc: list[float] = []
@@ -107,10 +117,21 @@ def measure_pieces(unet: torch.nn.Module, latent: int, batch_rows: int, decoder_
                 skip_bytes, out_bytes = probe.skip_bytes, probe.out_bytes
     finally:
         probe.remove()
-    pieces = Pieces(encoder_s=statistics.median(enc), decoder_points=tuple(sorted(dec.items())),
-                    broadcast_bytes=skip_bytes, gather_bytes_per_row=out_bytes // batch_rows,
-                    batch_rows=batch_rows)
-    raw = {"encoder_s_samples": enc, "decoder_s_by_rows": {str(k): v for k, v in sorted(dec.items())},
-           "broadcast_bytes_per_key_step": skip_bytes, "gather_bytes_per_row": out_bytes // batch_rows,
-           "batch_rows": batch_rows, "latent_size": latent, "dtype": str(dtype), "reps": reps}
+    pieces = Pieces(
+        encoder_s=statistics.median(enc),
+        decoder_points=tuple(sorted(dec.items())),
+        broadcast_bytes=skip_bytes,
+        gather_bytes_per_row=out_bytes // batch_rows,
+        batch_rows=batch_rows,
+    )
+    raw = {
+        "encoder_s_samples": enc,
+        "decoder_s_by_rows": {str(k): v for k, v in sorted(dec.items())},
+        "broadcast_bytes_per_key_step": skip_bytes,
+        "gather_bytes_per_row": out_bytes // batch_rows,
+        "batch_rows": batch_rows,
+        "latent_size": latent,
+        "dtype": str(dtype),
+        "reps": reps,
+    }
     return pieces, raw

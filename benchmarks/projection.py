@@ -81,8 +81,9 @@ class Pieces:
         return interpolate(self.decoder_points, rows)
 
 
-def group_time(p: Pieces, group_len: int, world: int, bandwidth_gbps: float, latency_s: float = 0.0
-               ) -> dict[str, float]:
+def group_time(
+    p: Pieces, group_len: int, world: int, bandwidth_gbps: float, latency_s: float = 0.0
+) -> dict[str, float]:
     """Critical path of one key-step group on ``world`` devices, with its breakdown."""
     if world < 1:
         raise ValueError("world size must be >= 1")
@@ -92,12 +93,25 @@ def group_time(p: Pieces, group_len: int, world: int, bandwidth_gbps: float, lat
     bcast = transfer_s(p.broadcast_bytes, bandwidth_gbps, latency_s) if comm else 0.0
     gather = transfer_s((rows - share) * p.gather_bytes_per_row, bandwidth_gbps, latency_s) if comm else 0.0
     dec = p.decoder_s(share)
-    return {"rows": rows, "share": share, "encoder_s": p.encoder_s, "broadcast_s": bcast,
-            "decoder_s": dec, "gather_s": gather, "total_s": p.encoder_s + bcast + dec + gather}
+    return {
+        "rows": rows,
+        "share": share,
+        "encoder_s": p.encoder_s,
+        "broadcast_s": bcast,
+        "decoder_s": dec,
+        "gather_s": gather,
+        "total_s": p.encoder_s + bcast + dec + gather,
+    }
 
 
-def project(p: Pieces, key_steps: Sequence[int], num_steps: int, world: int, bandwidth_gbps: float,
-            latency_s: float = 0.0) -> dict[str, object]:
+def project(
+    p: Pieces,
+    key_steps: Sequence[int],
+    num_steps: int,
+    world: int,
+    bandwidth_gbps: float,
+    latency_s: float = 0.0,
+) -> dict[str, object]:
     """Projected denoising seconds per image for parallel decoding on ``world`` devices."""
     groups = key_step_groups(key_steps, num_steps)
     per = [group_time(p, len(g), world, bandwidth_gbps, latency_s) for g in groups]
@@ -117,8 +131,14 @@ def propagate_s(p: Pieces, key_steps: Sequence[int], num_steps: int) -> float:
     return n_keys * p.encoder_s + num_steps * p.decoder_s(p.batch_rows)
 
 
-def projection_table(p: Pieces, key_steps: Sequence[int], num_steps: int, worlds: Sequence[int],
-                     bandwidth_gbps: float, latency_s: float = 0.0) -> list[dict[str, object]]:
+def projection_table(
+    p: Pieces,
+    key_steps: Sequence[int],
+    num_steps: int,
+    worlds: Sequence[int],
+    bandwidth_gbps: float,
+    latency_s: float = 0.0,
+) -> list[dict[str, object]]:
     """One row per world size, with speed-ups against the sequential (vanilla) estimate."""
     base = sequential_s(p, num_steps)
     rows = []

@@ -19,8 +19,10 @@ def result_stem(res: dict[str, Any]) -> str:
     dev = host.get("cuda", {}).get("device_name") or "cpu"
     dev = re.sub(r"[^a-z0-9]+", "-", dev.lower()).strip("-")
     stamp = re.sub(r"[^0-9T]", "", host["timestamp"].split("+")[0])
-    return (f"{cfg['arch']}-{cfg['size']}{cfg['resolution']}-{cfg['scheduler']}{cfg['steps']}-{dev}"
-            f"-w{cfg['world_size']}-{stamp}")
+    return (
+        f"{cfg['arch']}-{cfg['size']}{cfg['resolution']}-{cfg['scheduler']}{cfg['steps']}-{dev}"
+        f"-w{cfg['world_size']}-{stamp}"
+    )
 
 
 def _fmt_s(s: dict[str, Any] | None) -> str:
@@ -37,16 +39,26 @@ def _x(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}×"
 
 
+def _load(host: dict[str, Any]) -> str:
+    start, end = host.get("load_average_1_5_15"), host.get("load_average_end")
+    if start and end:
+        return f"{start[0]:.1f} at start, {end[0]:.1f} at end"
+    return f"{start[0]:.1f}" if start else "n/a"
+
+
 def markdown(res: dict[str, Any]) -> str:
     cfg, host = res["config"], res["host"]
-    dev = host.get("cuda", {}).get("device_name") or f"CPU: {host['cpu']['model']} ({host['cpu']['logical_cores']} cores)"
+    dev = (
+        host.get("cuda", {}).get("device_name")
+        or f"CPU: {host['cpu']['model']} ({host['cpu']['logical_cores']} cores)"
+    )
     lines = [
         f"### {cfg['arch']} ({cfg['size']}, {cfg['resolution']}×{cfg['resolution']}), "
         f"{cfg['scheduler']}-{cfg['steps']}, key steps {cfg['key_steps_resolved']}",
         "",
         f"Device: {dev}; dtype {cfg['dtype']}; world size {cfg['world_size']}; "
         f"{cfg['warmup']} warm-up + {cfg['reps']} timed runs per method; seed {cfg['seed']}; {host['timestamp']}; "
-        f"load average at start {host.get('load_average_1_5_15', ['?'])[0]:.1f}, torch threads {host['cpu']['torch_threads']}.",
+        f"1-min load average {_load(host)} (other jobs share this host), torch threads {host['cpu']['torch_threads']}.",
         "",
         f"Command: `{host['command']}`",
         "",
@@ -62,16 +74,23 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {m['name']} | {_fmt_s(m['pipeline_s'])} | {_fmt_s(m['denoiser_s'])} | "
             f"{_x(m.get('speedup_pipeline'))} | {_x(m.get('speedup_denoiser'))} | {m['denoiser_calls']} | {gf} | "
-            f"{_fmt_mem(m['peak_memory_bytes'])} | {m.get('note', '')} |")
+            f"{_fmt_mem(m['peak_memory_bytes'])} | {m.get('note', '')} |"
+        )
     proj = res.get("projection")
     if proj and proj.get("table"):
-        lines += ["", f"Projected (not measured) parallel-decoding critical path, link {proj['bandwidth_gbps']} Gbit/s, "
-                  f"from single-device pieces measured on this device (UNet only):", "",
-                  "| W | UNet s/img | encoder s | broadcast ms | decoder s | gather ms | speed-up vs vanilla UNet |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Projected (not measured) parallel-decoding critical path, link {proj['bandwidth_gbps']} Gbit/s, "
+            f"from single-device pieces measured on this device (UNet only):",
+            "",
+            "| W | UNet s/img | encoder s | broadcast ms | decoder s | gather ms | speed-up vs vanilla UNet |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in proj["table"]:
-            lines.append(f"| {r['world']} | {r['total_s']:.3f} | {r['encoder_s']:.3f} | {r['broadcast_s'] * 1e3:.3f} | "
-                         f"{r['decoder_s']:.3f} | {r['gather_s'] * 1e3:.3f} | {r['speedup_vs_vanilla']:.2f}× |")
+            lines.append(
+                f"| {r['world']} | {r['total_s']:.3f} | {r['encoder_s']:.3f} | {r['broadcast_s'] * 1e3:.3f} | "
+                f"{r['decoder_s']:.3f} | {r['gather_s'] * 1e3:.3f} | {r['speedup_vs_vanilla']:.2f}× |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +107,9 @@ def chart(res: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("seconds per image (median, min–max)")
     cfg = res["config"]
     dev = res["host"].get("cuda", {}).get("device_name") or "CPU"
-    ax.set_title(f"{cfg['arch']} {cfg['resolution']}px {cfg['scheduler']}-{cfg['steps']} on {dev}", fontsize=9)
+    ax.set_title(
+        f"{cfg['arch']} {cfg['resolution']}px {cfg['scheduler']}-{cfg['steps']} on {dev}", fontsize=9
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -36,8 +36,12 @@ def _versions() -> dict[str, str]:
     import diffusers
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
     try:
         import distfd
 
@@ -57,19 +61,28 @@ def _nvml_device_facts(index: int) -> dict[str, Any]:
     h = pynvml.nvmlDeviceGetHandleByIndex(index)
     name = pynvml.nvmlDeviceGetName(h)
     mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-    return {"index": index, "name": name.decode() if isinstance(name, bytes) else name,
-            "memory_total_bytes": int(mem.total), "memory_used_bytes": int(mem.used)}
+    return {
+        "index": index,
+        "name": name.decode() if isinstance(name, bytes) else name,
+        "memory_total_bytes": int(mem.total),
+        "memory_used_bytes": int(mem.used),
+    }
 
 
-def host_facts(device: torch.device, argv: list[str] | None = None, seed: int | None = None) -> dict[str, Any]:
+def host_facts(
+    device: torch.device, argv: list[str] | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """Everything recorded with every result: versions, command, time, CPU and GPU facts."""
     facts: dict[str, Any] = {
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *(argv if argv is not None else sys.argv)]),
         "seed": seed,
         "versions": _versions(),
-        "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(),
-                "torch_threads": torch.get_num_threads()},
+        "cpu": {
+            "model": _cpu_model(),
+            "logical_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
         "hostname": platform.node(),
         "load_average_1_5_15": list(os.getloadavg()),
         "device": str(device),
@@ -81,8 +94,10 @@ def host_facts(device: torch.device, argv: list[str] | None = None, seed: int | 
         try:
             pynvml.nvmlInit()
             drv = pynvml.nvmlSystemGetDriverVersion()
-            facts["nvml"] = {"driver": drv.decode() if isinstance(drv, bytes) else drv,
-                             "devices": [_nvml_device_facts(i) for i in range(pynvml.nvmlDeviceGetCount())]}
+            facts["nvml"] = {
+                "driver": drv.decode() if isinstance(drv, bytes) else drv,
+                "devices": [_nvml_device_facts(i) for i in range(pynvml.nvmlDeviceGetCount())],
+            }
         except pynvml.NVMLError as e:
             facts["nvml"] = {"error": f"NVML unavailable: {e}"}
     else:
@@ -134,6 +149,11 @@ class GpuSampler:
             return {"available": False, "reason": self.error or "no samples (no GPU present)"}
         util = [s[0] for s in self.samples]
         mem = [s[1] for s in self.samples]
-        return {"available": True, "n_samples": len(util), "interval_s": self.interval,
-                "util_pct_mean": sum(util) / len(util), "util_pct_max": max(util),
-                "memory_used_bytes_max": max(mem)}
+        return {
+            "available": True,
+            "n_samples": len(util),
+            "interval_s": self.interval,
+            "util_pct_mean": sum(util) / len(util),
+            "util_pct_max": max(util),
+            "memory_used_bytes_max": max(mem),
+        }
