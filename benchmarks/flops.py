@@ -26,8 +26,8 @@ if __package__ in (None, ""):
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.measure import flop_counter
 from benchmarks.models import RESOLUTION, SD15_UNET, SD_VAE, SDXL_UNET
 
 ENCODER_PARTS = (
@@ -41,9 +41,12 @@ ENCODER_PARTS = (
 )
 
 
-def unet_split_flops(cfg: dict[str, Any], latent: int, rows: int) -> dict[str, int]:
-    """FLOPs of one UNet forward with ``rows`` rows, split into encoder and decoder parts."""
-    with torch.device("meta"):
+def unet_split_flops(cfg: dict[str, Any], latent: int, rows: int, device: str = "meta") -> dict[str, int]:
+    """FLOPs of one UNet forward with ``rows`` rows, split into encoder and decoder parts.
+
+    ``device="meta"`` counts without computing; ``"cpu"`` runs a real random-weight forward.
+    """
+    with torch.device(device), torch.no_grad():
         unet = UNet2DConditionModel(**cfg)
         kw: dict[str, Any] = {}
         if cfg.get("addition_embed_type") == "text_time":
@@ -52,7 +55,7 @@ def unet_split_flops(cfg: dict[str, Any], latent: int, rows: int) -> dict[str, i
                 "text_embeds": torch.empty(rows, pooled),
                 "time_ids": torch.empty(rows, 6),
             }
-        mode = FlopCounterMode(display=False)
+        mode = flop_counter()
         with mode:
             unet(
                 torch.empty(rows, 4, latent, latent),
@@ -74,7 +77,7 @@ def unet_split_flops(cfg: dict[str, Any], latent: int, rows: int) -> dict[str, i
 def vae_decode_flops(resolution: int) -> int:
     with torch.device("meta"):
         vae = AutoencoderKL(**SD_VAE)
-        mode = FlopCounterMode(display=False)
+        mode = flop_counter()
         with mode:
             vae.decode(torch.empty(1, 4, resolution // 8, resolution // 8))
     return int(mode.get_total_flops())
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=int)
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default="ddim")
     p.add_argument("--out", type=Path, help="write the JSON here")
+    p.add_argument("--check-cpu", action="store_true", help="also count one real CPU forward (batch 1)")
     args = p.parse_args(argv)
     from distfd import resolve_key_steps
 
@@ -118,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             **per_image(split, steps, len(keys)),
         }
         out[label]["unet_step_gmacs"] = split["total"] / 2e9
+    if args.check_cpu:
+        cpu = unet_split_flops(cfg, res // 8, 1, device="cpu")
+        out["cpu_check_batch1"] = {
+            "unet_step_gflops": cpu["total"] / 1e9,
+            "matches_meta": cpu["total"] / 1e9 == out["batch1_no_cfg"]["unet_step_gflops"],
+        }
     text = json.dumps(out, indent=2)
     print(text)
     if args.out:

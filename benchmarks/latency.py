@@ -20,10 +20,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import methods as M
-from benchmarks.measure import ModuleTimer, measure_runs
+from benchmarks.measure import ModuleTimer, flop_counter, measure_runs
 from benchmarks.models import ARCHS, RESOLUTION, SCHEDULERS, SIZES, build
 from benchmarks.pieces import measure_pieces
 from benchmarks.projection import key_step_groups, projection_table
@@ -82,7 +81,7 @@ def resolve_key_steps(spec: str, steps: int) -> tuple[str | list[int], list[int]
 
 
 def _flops_run(bench, run) -> tuple[int, int | None]:
-    mode = FlopCounterMode(display=False)
+    mode = flop_counter()
     with mode:
         run()
     den = mode.get_flop_counts().get(type(bench.denoiser).__name__)
@@ -117,6 +116,12 @@ def bench_method(
             warmup = args.warmup
             if not args.no_flops:
                 rec["flops"], rec["denoiser_flops"] = _flops_run(bench, run)
+                log.info(
+                    "%s: %.2f GFLOPs/image (UNet %.2f)",
+                    name,
+                    rec["flops"] / 1e9,
+                    (rec["denoiser_flops"] or 0) / 1e9,
+                )
                 warmup = max(0, warmup - 1)  # the FLOP-counting run doubles as the first warm-up
             before = inst.stats()
             rec.update(measure_runs(run, timer, device, warmup, args.reps))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,33 @@ class PeakMemory:
         return _read_vmhwm()
 
 
+def _sdpa_cpu_flop(
+    query_shape, key_shape, value_shape, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU flash-attention kernel.
+
+    torch registers FLOP formulas for the CUDA SDPA kernels (flash, efficient, cuDNN) but not for
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, so on CPU attention matmuls would be
+    silently missing; the same formula as the CUDA kernels is used for it here.
+    """
+    mapping = {}
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is not None:
+        mapping[op] = _sdpa_cpu_flop
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Run ``fn`` under ``FlopCounterMode`` and return (total FLOPs, result).
 
     FlopCounterMode counts one multiply-add as 2 FLOPs (matmul, conv, SDPA); elementwise ops
     (norms, activations, scheduler arithmetic) are not counted.
     """
-    mode = FlopCounterMode(display=False)
+    mode = flop_counter()
     with mode:
         out = fn()
     return int(mode.get_total_flops()), out

@@ -100,3 +100,13 @@ def test_baselines_and_table():
         assert r["speedup_vs_vanilla"] == pytest.approx(sequential_s(p, 50) / r["total_s"])
     # With one device parallel decoding of linear-cost rows equals propagation.
     assert table[0]["total_s"] == pytest.approx(propagate_s(p, SD_DDIM_50, 50))
+
+
+def test_meta_flop_count_matches_cpu_forward():
+    from benchmarks.flops import unet_split_flops
+    from benchmarks.models import TINY_UNET
+
+    meta = unet_split_flops(TINY_UNET, 8, 2)
+    cpu = unet_split_flops(TINY_UNET, 8, 2, device="cpu")
+    assert meta == cpu
+    assert 0 < meta["encoder"] < meta["total"] and meta["decoder"] == meta["total"] - meta["encoder"]
