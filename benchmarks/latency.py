@@ -100,6 +100,25 @@ def per_image_stats(before: dict[str, Any], after: dict[str, Any], reps: int) ->
     return out
 
 
+def method_note(r: dict[str, Any], world: int) -> str:
+    """Short Markdown note: distfd work/communication per image, DeepCache settings."""
+    if r["status"] != "ok":
+        return ""
+    st, info = r.get("method_stats") or {}, r.get("info") or {}
+    parts = []
+    if "encoder_passes" in st:
+        parts.append(f"enc {st['encoder_passes']:g} / dec {st['decoder_passes']:g} passes")
+        if world > 1:
+            parts.append(
+                f"rank 0 sent {st.get('bytes_sent', 0) / 2**20:.1f} MiB in {st.get('collectives', 0)} collectives"
+            )
+    if "cache_interval" in info:
+        parts.append(f"interval {info['cache_interval']}, branch {info['cache_branch_id']}")
+    if world > 1 and r.get("flops"):
+        parts.append("FLOPs: rank 0 only")
+    return "; ".join(parts)
+
+
 def bench_method(
     name: str, bench, args, opts: dict[str, Any], device: torch.device, rank: int
 ) -> dict[str, Any]:
@@ -209,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             r["speedup_pipeline"] = vanilla["pipeline_s"]["median"] / r["pipeline_s"]["median"]
             r["speedup_denoiser"] = vanilla["denoiser_s"]["median"] / r["denoiser_s"]["median"]
             r["image_mean_abs_diff_vs_vanilla"] = M.image_diff(images[r["name"]], images["vanilla"])
+        r["note"] = method_note(r, world)
 
     result: dict[str, Any] = {
         "config": {
@@ -233,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_projection and world == 1:
         result["projection"] = projection(bench, args, key_steps, device, dtype)
+    if ctx is not None:
+        ctx.close()
     if rank == 0:
         paths = write_all(result, args.out_dir)
         print(markdown(result))

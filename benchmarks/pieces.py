@@ -26,6 +26,7 @@ class _SplitProbe:
     def __init__(self, unet: torch.nn.Module, device: torch.device):
         self.device = device
         self.skip_bytes = 0
+        self.payload_bytes = 0  # as distfd flattens block outputs: (hidden, skips) per down block
         self.out_bytes = 0
         self.t = [0.0, 0.0, 0.0]
         self._h = [
@@ -37,7 +38,7 @@ class _SplitProbe:
         self._h += [b.register_forward_hook(self._down) for b in unet.down_blocks]
 
     def _start(self, *_: Any) -> None:
-        self.skip_bytes = 0
+        self.skip_bytes = self.payload_bytes = 0
         sync(self.device)
         self.t[0] = time.perf_counter()
 
@@ -47,12 +48,16 @@ class _SplitProbe:
 
     def _skip(self, _m: Any, _i: Any, out: torch.Tensor) -> None:
         self.skip_bytes += self._nbytes(out)
+        self.payload_bytes += self._nbytes(out)
 
     def _down(self, _m: Any, _i: Any, out: Any) -> None:
-        self.skip_bytes += sum(self._nbytes(r) for r in out[1])
+        skips = sum(self._nbytes(r) for r in out[1])
+        self.skip_bytes += skips
+        self.payload_bytes += skips + self._nbytes(out[0])  # out[0] is also the last skip tensor
 
     def _mid(self, _m: Any, _i: Any, out: torch.Tensor) -> None:
         self.skip_bytes += self._nbytes(out)
+        self.payload_bytes += self._nbytes(out)
         sync(self.device)
         self.t[1] = time.perf_counter()
 
@@ -100,7 +105,7 @@ def measure_pieces(
     probe = _SplitProbe(unet, device)
     enc: list[float] = []
     dec: dict[int, float] = {}
-    skip_bytes = out_bytes = 0
+    skip_bytes = out_bytes = payload_bytes = 0
     try:
         for rows in sorted({batch_rows, *decoder_rows}):
             kw = _unet_inputs(unet, rows, latent, device, dtype)
@@ -114,7 +119,7 @@ def measure_pieces(
             log.info("rows=%d encoder %.4f s decoder %.4f s", rows, statistics.median(e_s), dec[rows])
             if rows == batch_rows:
                 enc = e_s
-                skip_bytes, out_bytes = probe.skip_bytes, probe.out_bytes
+                skip_bytes, out_bytes, payload_bytes = probe.skip_bytes, probe.out_bytes, probe.payload_bytes
     finally:
         probe.remove()
     pieces = Pieces(
@@ -128,6 +133,7 @@ def measure_pieces(
         "encoder_s_samples": enc,
         "decoder_s_by_rows": {str(k): v for k, v in sorted(dec.items())},
         "broadcast_bytes_per_key_step": skip_bytes,
+        "distfd_feature_payload_bytes": payload_bytes,
         "gather_bytes_per_row": out_bytes // batch_rows,
         "batch_rows": batch_rows,
         "latent_size": latent,

@@ -14,7 +14,10 @@ Model, per key-step group g (a key step and the non-key steps up to the next key
     share_g = ceil(rows_g / W)
     T_g     = encoder_s + bcast + decoder(share_g) + gather,   bcast = gather = 0 when W == 1
     bcast   = latency + broadcast_bytes / bw
-    gather  = latency + (rows_g - share_g) * gather_bytes_per_row / bw   (what rank 0 receives)
+    gather  = latency + (W - 1) * share_g * gather_bytes_per_row / bw
+
+The gather term is what each rank receives in distfd's all-gather of the decoder rows (shares
+padded to the largest one), on a link of ``bw`` per device.
 
 and the projected time per image is the sum of T_g over groups. Scheduler arithmetic, the text
 encoder and the VAE are outside this model (they are identical for every method).
@@ -91,7 +94,9 @@ def group_time(
     share = math.ceil(rows / world)
     comm = world > 1
     bcast = transfer_s(p.broadcast_bytes, bandwidth_gbps, latency_s) if comm else 0.0
-    gather = transfer_s((rows - share) * p.gather_bytes_per_row, bandwidth_gbps, latency_s) if comm else 0.0
+    gather = (
+        transfer_s((world - 1) * share * p.gather_bytes_per_row, bandwidth_gbps, latency_s) if comm else 0.0
+    )
     dec = p.decoder_s(share)
     return {
         "rows": rows,

@@ -76,7 +76,7 @@ def test_group_time_split_and_comm():
     g = group_time(p, group_len=5, world=4, bandwidth_gbps=64)  # 8 GB/s
     assert g["share"] == math.ceil(10 / 4) == 3
     assert g["broadcast_s"] == pytest.approx(8e6 / 8e9)
-    assert g["gather_s"] == pytest.approx((10 - 3) * 1000 / 8e9)
+    assert g["gather_s"] == pytest.approx((4 - 1) * 3 * 1000 / 8e9)  # all-gather of padded shares
     assert g["total_s"] == pytest.approx(1.0 + g["broadcast_s"] + 0.5 * 3 + g["gather_s"])
 
 
