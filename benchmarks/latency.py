@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks import methods as M
-from benchmarks.measure import ModuleTimer, flop_counter, measure_runs
+from benchmarks.measure import ModuleTimer, flop_counter, summarize_calls, timed_call
 from benchmarks.models import ARCHS, RESOLUTION, SCHEDULERS, SIZES, build
 from benchmarks.pieces import measure_pieces
 from benchmarks.projection import key_step_groups, projection_table
@@ -91,13 +91,9 @@ def _flops_run(bench, run) -> tuple[int, int | None]:
 CUMULATIVE = ("encoder_passes", "decoder_passes", "decoder_rows", "steps")
 
 
-def per_image_stats(before: dict[str, Any], after: dict[str, Any], reps: int) -> dict[str, Any]:
-    """distfd counters per image over the timed runs; communication counters are the latest run's."""
-    out = dict(after)
-    for k in CUMULATIVE:
-        if k in after:
-            out[k] = (after[k] - before.get(k, 0)) / reps
-    return out
+def per_image_stats(stats: dict[str, Any], images: int = 1) -> dict[str, Any]:
+    """distfd counters of one timed call, per image (communication counters are per run already)."""
+    return {k: (v / images if k in CUMULATIVE else v) for k, v in stats.items()}
 
 
 def method_note(r: dict[str, Any], world: int) -> str:
@@ -119,46 +115,66 @@ def method_note(r: dict[str, Any], world: int) -> str:
     return "; ".join(parts)
 
 
-def bench_method(
-    name: str, bench, args, opts: dict[str, Any], device: torch.device, rank: int
-) -> dict[str, Any]:
-    rec: dict[str, Any] = {"name": name}
+def prepare_method(name: str, bench, args, opts: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Install once: FLOP-counting run (doubles as the first warm-up), further warm-ups, remove."""
+    rec: dict[str, Any] = {"name": name, "_calls": [], "_sampler": GpuSampler(index=device.index or 0)}
     try:
         inst = M.setup(name, bench, opts)
     except M.Skip as e:
         log.warning("skipping %s: %s", name, e)
-        return {**rec, "status": "skipped", "reason": str(e)}
-    timer = ModuleTimer(bench.denoiser, device)
+        return {"name": name, "status": "skipped", "reason": str(e)}
     run = lambda: bench.run(args.prompt, args.steps, args.seed)  # noqa: E731
     try:
-        with GpuSampler(index=device.index or 0) as sampler:
-            warmup = args.warmup
-            if not args.no_flops:
-                rec["flops"], rec["denoiser_flops"] = _flops_run(bench, run)
-                log.info(
-                    "%s: %.2f GFLOPs/image (UNet %.2f)",
-                    name,
-                    rec["flops"] / 1e9,
-                    (rec["denoiser_flops"] or 0) / 1e9,
-                )
-                warmup = max(0, warmup - 1)  # the FLOP-counting run doubles as the first warm-up
-            before = inst.stats()
-            rec.update(measure_runs(run, timer, device, warmup, args.reps))
-        rec["gpu_sampling"] = sampler.summary()
-        rec["image"] = rec.pop("output").images[0]
-        rec["method_stats"] = per_image_stats(before, inst.stats(), args.reps)
-        rec["info"] = inst.info
-        rec["status"] = "ok"
+        warmup = args.warmup
+        if not args.no_flops:
+            rec["flops"], rec["denoiser_flops"] = _flops_run(bench, run)
+            log.info(
+                "%s: %.2f GFLOPs/image (UNet %.2f)",
+                name,
+                rec["flops"] / 1e9,
+                (rec["denoiser_flops"] or 0) / 1e9,
+            )
+            warmup -= 1
+        for i in range(max(0, warmup)):
+            log.info("%s: warm-up %d", name, i + 1)
+            run()
+        rec["info"], rec["status"] = inst.info, "ok"
+    finally:
+        inst.remove()
+    return rec
+
+
+def timed_rep(rec: dict[str, Any], bench, args, opts: dict[str, Any], device: torch.device) -> None:
+    """Install the method, time one pipeline call, remove it; appends to ``rec['_calls']``."""
+    inst = M.setup(rec["name"], bench, opts)
+    timer = ModuleTimer(bench.denoiser, device)
+    try:
+        with rec["_sampler"]:
+            call = timed_call(lambda: bench.run(args.prompt, args.steps, args.seed), timer, device)
+        call["stats"] = inst.stats()
     finally:
         timer.remove()
         inst.remove()
+    rec["_calls"].append(call)
     log.info(
-        "%s: pipeline %.3f s/img, UNet %.3f s/img",
-        name,
-        rec["pipeline_s"]["median"],
-        rec["denoiser_s"]["median"],
+        "%s rep %d: %.3f s/img wall (UNet %.3f), %.3f s CPU",
+        rec["name"],
+        len(rec["_calls"]),
+        call["wall_s"],
+        call["den_wall_s"],
+        call["cpu_s"],
     )
-    return rec
+
+
+def finish_method(rec: dict[str, Any]) -> None:
+    """Summaries from the timed calls; the last call's image and distfd counters are kept."""
+    calls, sampler = rec.pop("_calls", []), rec.pop("_sampler", None)
+    if rec["status"] != "ok":
+        return
+    rec.update(summarize_calls(calls))
+    rec["gpu_sampling"] = sampler.summary()
+    rec["image"] = calls[-1]["output"].images[0]
+    rec["method_stats"] = per_image_stats(calls[-1]["stats"])
 
 
 def projection(bench, args, key_steps: list[int], device, dtype) -> dict[str, Any]:
@@ -220,13 +236,22 @@ def main(argv: list[str] | None = None) -> int:
         "deepcache_interval": args.deepcache_interval,
         "deepcache_branch": args.deepcache_branch,
     }
-    recs = [bench_method(n.strip(), bench, args, opts, device, rank) for n in args.methods.split(",")]
+    # Warm-ups first, then the timed calls interleaved round-robin over the methods, so that drifting
+    # background load (shared hosts) or clock/thermal state affects every method alike.
+    recs = [prepare_method(n.strip(), bench, args, opts, device) for n in args.methods.split(",")]
+    for _ in range(args.reps):
+        for rec in recs:
+            if rec["status"] == "ok":
+                timed_rep(rec, bench, args, opts, device)
+    for rec in recs:
+        finish_method(rec)
     images = {r["name"]: r.pop("image", None) for r in recs}
     vanilla = next((r for r in recs if r["name"] == "vanilla" and r["status"] == "ok"), None)
     for r in recs:
         if vanilla and r["status"] == "ok":
             r["speedup_pipeline"] = vanilla["pipeline_s"]["median"] / r["pipeline_s"]["median"]
             r["speedup_denoiser"] = vanilla["denoiser_s"]["median"] / r["denoiser_s"]["median"]
+            r["speedup_denoiser_cpu"] = vanilla["denoiser_cpu_s"]["median"] / r["denoiser_cpu_s"]["median"]
             r["image_mean_abs_diff_vs_vanilla"] = M.image_diff(images[r["name"]], images["vanilla"])
         r["note"] = method_note(r, world)
 

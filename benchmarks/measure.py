@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -11,8 +10,6 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-log = logging.getLogger(__name__)
 
 
 def sync(device: torch.device) -> None:
@@ -30,9 +27,10 @@ class ModuleTimer:
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.device = device
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.calls = 0
         self._depth = 0
-        self._t0 = 0.0
+        self._t0 = self._c0 = 0.0
         self._handles = [
             module.register_forward_pre_hook(self._pre),
             module.register_forward_hook(self._post, always_call=True),
@@ -41,7 +39,7 @@ class ModuleTimer:
     def _pre(self, *_: Any) -> None:
         if self._depth == 0:
             sync(self.device)
-            self._t0 = time.perf_counter()
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
         self._depth += 1
 
     def _post(self, *_: Any) -> None:
@@ -49,10 +47,11 @@ class ModuleTimer:
         if self._depth == 0:
             sync(self.device)
             self.seconds += time.perf_counter() - self._t0
+            self.cpu_seconds += time.process_time() - self._c0
             self.calls += 1
 
     def reset(self) -> None:
-        self.seconds, self.calls, self._depth = 0.0, 0, 0
+        self.seconds, self.cpu_seconds, self.calls, self._depth = 0.0, 0.0, 0, 0
 
     def remove(self) -> None:
         for h in self._handles:
@@ -151,42 +150,42 @@ def summarize(samples: list[float]) -> dict[str, float | int]:
     }
 
 
-def measure_runs(
-    run: Callable[[], Any],
-    timer: ModuleTimer,
-    device: torch.device,
-    warmup: int,
-    reps: int,
-    images_per_call: int = 1,
-) -> dict[str, Any]:
-    """Warm up, then time ``reps`` calls of ``run``: whole-call and denoiser-only seconds per image.
+def timed_call(run: Callable[[], Any], timer: ModuleTimer, device: torch.device) -> dict[str, Any]:
+    """One timed call of ``run``: wall and process-CPU seconds, whole call and inside the denoiser.
 
-    The output of the last timed call is returned under ``"output"``.
+    Process CPU time (``time.process_time``) is reported next to wall time because on a shared,
+    oversubscribed CPU host the wall time mostly measures the other jobs; on GPU only wall time
+    (with synchronisation) is meaningful.
     """
     mem = PeakMemory(device)
-    for i in range(warmup):
-        log.info("warm-up %d/%d", i + 1, warmup)
-        run()
     mem.reset()
-    pipe_s: list[float] = []
-    den_s: list[float] = []
-    calls = 0
-    out: Any = None
-    for i in range(reps):
-        timer.reset()
-        sync(device)
-        t0 = time.perf_counter()
-        out = run()
-        sync(device)
-        pipe_s.append((time.perf_counter() - t0) / images_per_call)
-        den_s.append(timer.seconds / images_per_call)
-        calls = timer.calls
-        log.info("rep %d/%d: %.3f s/image (denoiser %.3f s)", i + 1, reps, pipe_s[-1], den_s[-1])
+    timer.reset()
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = run()
+    sync(device)
     return {
-        "pipeline_s": summarize(pipe_s),
-        "denoiser_s": summarize(den_s),
-        "denoiser_calls": calls,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "den_wall_s": timer.seconds,
+        "den_cpu_s": timer.cpu_seconds,
+        "calls": timer.calls,
         "peak_memory_bytes": mem.read(),
         "peak_memory_kind": mem.kind,
         "output": out,
+    }
+
+
+def summarize_calls(calls: list[dict[str, Any]], images_per_call: int = 1) -> dict[str, Any]:
+    """Per-image summaries of a list of ``timed_call`` results."""
+    per = lambda key: summarize([c[key] / images_per_call for c in calls])  # noqa: E731
+    peaks = [c["peak_memory_bytes"] for c in calls if c["peak_memory_bytes"] is not None]
+    return {
+        "pipeline_s": per("wall_s"),
+        "denoiser_s": per("den_wall_s"),
+        "pipeline_cpu_s": per("cpu_s"),
+        "denoiser_cpu_s": per("den_cpu_s"),
+        "denoiser_calls": calls[-1]["calls"],
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "peak_memory_kind": calls[-1]["peak_memory_kind"],
     }

@@ -6,6 +6,7 @@ Each method is installed on the pipeline with ``setup`` and removed with the ret
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ def _final_latents(bench: Bench, steps: int, seed: int) -> torch.Tensor:
     return bench.run("deepcache compatibility check", steps, seed, output_type="latent").images
 
 
+@functools.cache
 def deepcache_compat_check(arch: str, scheduler: str) -> str | None:
     """Check DeepCacheSDHelper against this diffusers on a tiny pipeline of the same family.
 

@@ -46,8 +46,25 @@ def _load(host: dict[str, Any]) -> str:
     return f"{start[0]:.1f}" if start else "n/a"
 
 
+_CPU_NOTE = (
+    "CPU-s = process CPU time (`time.process_time`); on a shared, oversubscribed host it is far less "
+    "sensitive to other jobs than wall time, so its speed-ups are the more trustworthy ones here."
+)
+
+
+def _on_cpu(res: dict[str, Any]) -> bool:
+    return not res["host"].get("gpu_present") or res["host"]["device"] == "cpu"
+
+
+def _cpu_cols(res: dict[str, Any], m: dict[str, Any]) -> str:
+    if not _on_cpu(res):
+        return ""
+    return f"{_fmt_s(m.get('denoiser_cpu_s'))} | {_x(m.get('speedup_denoiser_cpu'))} | "
+
+
 def markdown(res: dict[str, Any]) -> str:
     cfg, host = res["config"], res["host"]
+    cpu_head = " UNet CPU-s/img median [min–max] | speed-up UNet CPU-s |" if _on_cpu(res) else ""
     dev = (
         host.get("cuda", {}).get("device_name")
         or f"CPU: {host['cpu']['model']} ({host['cpu']['logical_cores']} cores)"
@@ -57,23 +74,28 @@ def markdown(res: dict[str, Any]) -> str:
         f"{cfg['scheduler']}-{cfg['steps']}, key steps {cfg['key_steps_resolved']}",
         "",
         f"Device: {dev}; dtype {cfg['dtype']}; world size {cfg['world_size']}; "
-        f"{cfg['warmup']} warm-up + {cfg['reps']} timed runs per method; seed {cfg['seed']}; {host['timestamp']}; "
+        f"{cfg['warmup']} warm-up + {cfg['reps']} timed runs per method (median [min–max]); seed {cfg['seed']}; {host['timestamp']}; "
         f"1-min load average {_load(host)} (other jobs share this host), torch threads {host['cpu']['torch_threads']}.",
         "",
         f"Command: `{host['command']}`",
         "",
+        f"Timed calls interleaved round-robin over the methods. {_CPU_NOTE if _on_cpu(res) else ''}",
+        "",
         "| method | pipeline s/img median [min–max] | UNet s/img median [min–max] | speed-up pipeline "
-        "| speed-up UNet | UNet calls/img | GFLOPs/img | peak mem GiB | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| speed-up UNet |{cpu_head} UNet calls/img | GFLOPs/img | peak mem GiB | note |",
+        "|---|---|---|---|---|" + ("---|---|" if _on_cpu(res) else "") + "---|---|---|---|",
     ]
     for m in res["methods"]:
         if m["status"] != "ok":
-            lines.append(f"| {m['name']} | skipped | | | | | | | {m['reason']} |")
+            lines.append(
+                f"| {m['name']} | skipped |" + " |" * (8 if _on_cpu(res) else 6) + f" {m['reason']} |"
+            )
             continue
         gf = "n/a" if m.get("flops") is None else f"{m['flops'] / 1e9:,.{0 if m['flops'] >= 1e11 else 2}f}"
         lines.append(
             f"| {m['name']} | {_fmt_s(m['pipeline_s'])} | {_fmt_s(m['denoiser_s'])} | "
-            f"{_x(m.get('speedup_pipeline'))} | {_x(m.get('speedup_denoiser'))} | {m['denoiser_calls']} | {gf} | "
+            f"{_x(m.get('speedup_pipeline'))} | {_x(m.get('speedup_denoiser'))} | {_cpu_cols(res, m)}"
+            f"{m['denoiser_calls']} | {gf} | "
             f"{_fmt_mem(m['peak_memory_bytes'])} | {m.get('note', '')} |"
         )
     proj = res.get("projection")
@@ -81,7 +103,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             f"Projected (not measured) parallel-decoding critical path, link {proj['bandwidth_gbps']} Gbit/s, "
-            f"from single-device pieces measured on this device (UNet only):",
+            f"from single-device pieces measured on this device ({proj['pieces'].get('clock', 'wall')} clock; UNet only; "
+            "speed-up against the sequential estimate steps × (encoder + decoder) from the same pieces):",
             "",
             "| W | UNet s/img | encoder s | broadcast ms | decoder s | gather ms | speed-up vs vanilla UNet |",
             "|---|---|---|---|---|---|---|",
@@ -97,9 +120,12 @@ def markdown(res: dict[str, Any]) -> str:
 def chart(res: dict[str, Any], path: Path) -> None:
     ok = [m for m in res["methods"] if m["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(ok) + 2), 4))
-    width = 0.38
-    for j, (key, label) in enumerate((("pipeline_s", "whole pipeline"), ("denoiser_s", "UNet only"))):
-        xs = [i + (j - 0.5) * width for i in range(len(ok))]
+    series = [("pipeline_s", "whole pipeline (wall)"), ("denoiser_s", "UNet only (wall)")]
+    if _on_cpu(res) and all("denoiser_cpu_s" in m for m in ok):
+        series.append(("denoiser_cpu_s", "UNet only (process CPU time)"))
+    width = 0.8 / len(series)
+    for j, (key, label) in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(ok))]
         med = [m[key]["median"] for m in ok]
         err = [[m[key]["median"] - m[key]["min"] for m in ok], [m[key]["max"] - m[key]["median"] for m in ok]]
         ax.bar(xs, med, width, yerr=err, capsize=3, label=label)

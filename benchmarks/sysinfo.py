@@ -116,6 +116,8 @@ class GpuSampler:
         self.error: str | None = None
 
     def __enter__(self) -> GpuSampler:
+        """Start sampling; re-entering appends to the same sample list."""
+        self._stop.clear()
         if pynvml is None:
             self.error = "nvidia-ml-py not installed"
             return self
