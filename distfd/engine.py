@@ -137,7 +137,12 @@ class Engine:
         run.updates += 1
         if run.updates >= run.length:
             self.ctx.stats.tag = None
-            self.ctx.broadcast(prev_sample, src=0)
+            if prev_sample.is_contiguous():
+                self.ctx.broadcast(prev_sample, src=0)
+            else:  # collectives need contiguous memory
+                buf = prev_sample.contiguous()
+                self.ctx.broadcast(buf, src=0)
+                prev_sample.copy_(buf)
             self._end_run()
 
     # Called by the denoiser hook once per loop step.
