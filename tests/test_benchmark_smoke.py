@@ -1,0 +1,120 @@
+"""End-to-end smoke test of benchmarks/latency.py on CPU with the tiny config (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+
+
+def run_cli(out: Path, *extra: str) -> dict:
+    """Run ``python benchmarks/latency.py`` as a user would, single-threaded (a shared CPU)."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "latency.py"),
+        "--size",
+        "tiny",
+        "--steps",
+        str(STEPS),
+        "--key-steps",
+        "uniform-3",
+        "--warmup",
+        "1",
+        "--reps",
+        "2",
+        "--threads",
+        "1",
+        "--decoder-rows",
+        "1,2,4",
+        "--worlds",
+        "1,2,4",
+        "--out-dir",
+        str(out),
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(out.iterdir())
+    assert sorted(f.suffix for f in files) == [".json", ".md", ".png"], files
+    assert len({f.stem for f in files}) == 1
+    for f in files:
+        assert f.stat().st_size > 0
+    png = next(f for f in files if f.suffix == ".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(next(f for f in files if f.suffix == ".json").read_text())
+
+
+def check_summary(s: dict) -> None:
+    assert s["n"] == 2 and len(s["samples"]) == 2
+    assert 0 < s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
+    assert s["iqr"] == pytest.approx(s["q3"] - s["q1"])
+
+
+def test_sd15_tiny_end_to_end(tmp_path: Path):
+    res = run_cli(tmp_path, "--arch", "sd15")
+    methods = {m["name"]: m for m in res["methods"]}
+    assert list(methods) == ["vanilla", "distfd-propagate", "distfd-parallel", "deepcache"]
+    assert all(m["status"] == "ok" for m in methods.values()), [m.get("reason") for m in methods.values()]
+    van = methods["vanilla"]
+    for m in methods.values():
+        check_summary(m["pipeline_s"])
+        check_summary(m["denoiser_s"])
+        # UNet time is part of each pipeline call's time.
+        assert all(
+            d <= p for d, p in zip(m["denoiser_s"]["samples"], m["pipeline_s"]["samples"], strict=True)
+        )
+        assert m["denoiser_calls"] == STEPS
+        assert m["flops"] > 0 and 0 < m["denoiser_flops"] <= m["flops"]
+        assert m["speedup_pipeline"] == pytest.approx(van["pipeline_s"]["median"] / m["pipeline_s"]["median"])
+        assert m["speedup_denoiser"] == pytest.approx(van["denoiser_s"]["median"] / m["denoiser_s"]["median"])
+        assert m["peak_memory_bytes"] is None or m["peak_memory_bytes"] > 0
+    assert van["speedup_pipeline"] == pytest.approx(1.0)
+    # Fewer encoder passes => fewer FLOPs; both distfd modes do the same arithmetic.
+    for name in ("distfd-propagate", "distfd-parallel", "deepcache"):
+        assert methods[name]["denoiser_flops"] < van["denoiser_flops"]
+    assert methods["distfd-parallel"]["denoiser_flops"] == methods["distfd-propagate"]["denoiser_flops"]
+    keys = res["config"]["key_steps_resolved"]
+    assert keys == [0, 3]
+    par, prop = methods["distfd-parallel"]["method_stats"], methods["distfd-propagate"]["method_stats"]
+    assert par["encoder_passes"] == prop["encoder_passes"] == len(keys)
+    assert par["decoder_passes"] == len(keys) and prop["decoder_passes"] == STEPS
+    # Host facts recorded with the result.
+    host = res["host"]
+    assert host["versions"]["distfd"] and host["versions"]["torch"] and "latency.py" in host["command"]
+    assert host["seed"] == 0 and host["timestamp"]
+    # Projection: positive, one row per world size, consistent sums.
+    proj = res["projection"]
+    assert [r["world"] for r in proj["table"]] == [1, 2, 4]
+    assert proj["groups"] == [3, 3]
+    for r in proj["table"]:
+        parts = r["encoder_s"] + r["broadcast_s"] + r["decoder_s"] + r["gather_s"]
+        assert r["total_s"] == pytest.approx(parts) and r["total_s"] > 0
+    assert proj["pieces"]["broadcast_bytes_per_key_step"] > 0
+    md = next(tmp_path.glob("*.md")).read_text()
+    for name in methods:
+        assert f"| {name} |" in md
+
+
+def test_unsupported_arch_is_skipped_not_crashed():
+    """DiT: distfd and DeepCache are skipped with a recorded reason (unless distfd grew DiT support)."""
+    from benchmarks import methods as M
+    from benchmarks.models import build
+
+    bench = build("dit", "tiny", "ddim", "cpu", torch.float32)
+    with pytest.raises(M.Skip, match="UNet"):
+        M.setup("deepcache", bench, {"scheduler": "ddim", "deepcache_interval": 3, "deepcache_branch": 0})
+    try:
+        inst = M.setup("distfd-parallel", bench, {"key_steps": "uniform-3", "noise_alpha": 0.003})
+    except M.Skip as e:
+        assert "DiT" in str(e)
+    else:
+        inst.remove()
