@@ -263,43 +263,37 @@ class Engine:
             self._share_features()
 
     def _share_features(self) -> None:
-        """Broadcast rank 0's encoder features; rank 0 does not wait (it decodes meanwhile)."""
+        """Broadcast rank 0's encoder features; rank 0 does not wait (it decodes meanwhile).
+
+        Each distinct tensor is sent once: a UNet down block's last skip tensor is its output too.
+        """
         run, ctx = self.run, self.ctx
         if run.feature_spec is None:
             spec = None
             if ctx.is_main:
                 leaves, tree = pytree.tree_flatten(self.features)
-                # Encoder modules whose output is not kept (DiT blocks) leave None leaves: not sent.
-                spec = (
-                    tree,
-                    [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in leaves],
-                )
+                # Leaf -> index of a distinct tensor; None for the outputs not kept (DiT blocks).
+                first: dict[int, int] = {}
+                refs = [None if x is None else first.setdefault(id(x), len(first)) for x in leaves]
+                distinct = list({id(x): x for x in leaves if x is not None}.values())
+                spec = (tree, refs, [(tuple(x.shape), x.dtype) for x in distinct])
             run.feature_spec = ctx.broadcast_object(spec, src=0)
-        tree, entries = run.feature_spec
-        layout = [e for e in entries if e is not None]
+        tree, refs, layout = run.feature_spec
         dtype = layout[0][1]
         if any(d != dtype for _, d in layout):
             raise RuntimeError("distfd: encoder features of mixed dtypes are not supported across ranks.")
-        device = self.ctx.device
         if ctx.is_main:
             leaves, _ = pytree.tree_flatten(self.features)
-            flat = torch.cat([x.reshape(-1) for x in leaves if isinstance(x, torch.Tensor)])
+            distinct = list({id(x): x for x in leaves if x is not None}.values())
+            flat = torch.cat([x.reshape(-1) for x in distinct])
             self._pending = ctx.broadcast(flat, src=0, async_op=True)
             self._pending_flat = flat  # keep alive until the broadcast completes
             return
-        numel = sum(int(torch.Size(s).numel()) for s, _ in layout)
-        flat = torch.empty(numel, dtype=dtype, device=device)
+        sizes = [int(torch.Size(shape).numel()) for shape, _ in layout]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=ctx.device)
         ctx.wait(ctx.broadcast(flat, src=0, async_op=True))
-        leaves, start = [], 0
-        for entry in entries:
-            if entry is None:
-                leaves.append(None)
-                continue
-            shape = entry[0]
-            n = int(torch.Size(shape).numel())
-            leaves.append(flat[start : start + n].view(shape))
-            start += n
-        self.features = pytree.tree_unflatten(leaves, tree)
+        distinct = [part.view(shape) for part, (shape, _) in zip(flat.split(sizes), layout, strict=True)]
+        self.features = pytree.tree_unflatten([None if r is None else distinct[r] for r in refs], tree)
 
     def _decode(
         self, original: Callable, bound: inspect.BoundArguments, run: Run, steps: range, sample: torch.Tensor
