@@ -6,6 +6,7 @@ scheduler exactly as they were (no instance attributes left behind).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from diffusers.hooks import HookRegistry, ModelHook
@@ -69,10 +70,14 @@ class SchedulerHooks:
         self._saved = {name: scheduler.__dict__.get(name) for name in ("set_timesteps", "step")}
         set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
+        # functools.wraps keeps the signatures: pipelines inspect them to decide whether to pass
+        # ``generator``/``eta`` to ``step`` and ``timesteps``/``sigmas`` to ``set_timesteps``.
+        @functools.wraps(set_timesteps)
         def wrapped_set_timesteps(*args, **kwargs):
             engine.new_run()
             return set_timesteps(*args, **kwargs)
 
+        @functools.wraps(step)
         def wrapped_step(model_output, timestep, sample=None, *args, **kwargs):
             if sample is None:
                 sample = kwargs.pop("sample")

@@ -1,0 +1,102 @@
+"""Spawn gloo ranks on CPU on a free port, like torchrun, with a bounded wait."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("rank_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int | None  # None: still running when the wait ended (then killed)
+    elapsed_s: float
+    error: str
+    log: str
+
+
+def launch(
+    spec: dict, world_size: int, out_dir: Path, wait_s: float = 240, grace_s: float = 60
+) -> list[RankResult]:
+    """Run ``rank_worker.py`` on ``world_size`` ranks; each rank's exit code, time to exit, error and log."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = out_dir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    port = free_port()
+    procs = []
+    start = time.monotonic()
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        log = open(out_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), str(spec_path), str(out_dir)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    ended: dict[int, tuple[int | None, float]] = {}
+    first_failure = None
+    while len(ended) < world_size:
+        now = time.monotonic() - start
+        for rank, (proc, _) in enumerate(procs):
+            if rank not in ended and proc.poll() is not None:
+                ended[rank] = (proc.returncode, now)
+                if proc.returncode != 0 and first_failure is None:
+                    first_failure = now
+        # Like torchrun: once a rank has failed, the others get a grace period, then are killed.
+        overdue = now > wait_s or (first_failure is not None and now > first_failure + grace_s)
+        if overdue:
+            for rank, (proc, _) in enumerate(procs):
+                if rank not in ended:
+                    proc.kill()
+                    proc.wait()
+                    ended[rank] = (None, now)
+        time.sleep(0.05)
+    results = []
+    for rank, (_, log) in enumerate(procs):
+        log.close()
+        err = out_dir / f"rank{rank}.err"
+        code, elapsed = ended[rank]
+        results.append(
+            RankResult(
+                rank,
+                code,
+                elapsed,
+                err.read_text() if err.exists() else "",
+                (out_dir / f"rank{rank}.log").read_text(),
+            )
+        )
+    return results
+
+
+def load(out_dir: Path, case: int, rank: int) -> dict:
+    return torch.load(out_dir / f"case{case}_rank{rank}.pt")
