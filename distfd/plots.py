@@ -96,7 +96,9 @@ def plot_drift(drift: torch.Tensor, key_sets: Mapping[str, Sequence[int]], path:
     plt = _pyplot()
     fig, (ax, bx) = plt.subplots(2, 1, figsize=(6, 7), gridspec_kw={"height_ratios": [4, 1]})
     n = drift.shape[0]
-    im = ax.imshow(torch.log10(drift.double() + 1e-6).numpy(), cmap="viridis", origin="upper")
+    shown = torch.log10(drift.double() + 1e-6)
+    shown[torch.ones(n, n, dtype=torch.bool).tril()] = float("nan")  # only k < j is defined
+    im = ax.imshow(shown.numpy(), cmap="viridis", origin="upper")
     fig.colorbar(im, ax=ax, label="log10 relative encoder drift")
     ax.set_xlabel("step j (served)")
     ax.set_ylabel("key step k")
