@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", help="prompts file, one per line (default for embedded: scene captions)")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 4.0 for embedded)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "analysis"))
     args = p.parse_args(argv)
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps must be >= 2 (the change is between adjacent steps).")
     try:
         if args.model == "embedded":
-            pipe, guidance = sources.load_embedded_pipeline(), 4.0
-            prompts = sources.embedded_prompts(args.num_prompts, args.seed)[0]
+            pipe, guidance = sources.load_embedded_pipeline(), 7.5
+            prompts = sources.embedded_prompts(args.num_prompts, 424242)[0]
         elif args.model == "tiny":
             from tests import tiny
 

@@ -39,8 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-prompts", type=int, default=64, help="scene prompts (embedded) or a cap on --prompts"
     )
     p.add_argument("--prompts", help="prompts file, one per line (required for a model path)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 4.0 for embedded)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="image i uses noise seed SEED + i in every configuration"
+    )
+    p.add_argument(
+        "--prompt-seed", type=int, default=424242, help="seed of the embedded model's scene captions"
+    )
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--budget", type=int, help="key steps for 'auto' (default: as many as the paper's set)")
     p.add_argument("--size", type=int, help="image height and width (default: the model's)")
@@ -72,10 +77,10 @@ def load(args: argparse.Namespace):
     """Pipeline, prompts, calibration prompts, evaluator and extra pipeline arguments."""
     if args.model == "embedded":
         pipe = sources.load_embedded_pipeline()
-        prompts, labels = sources.embedded_prompts(args.num_prompts, args.seed)
-        calib, _ = sources.embedded_prompts(8, args.seed + 1)
-        evaluator = sources.embedded_evaluator(labels, args.reference_count, args.seed + 2)
-        return pipe, prompts, calib, evaluator, 4.0
+        prompts, labels = sources.embedded_prompts(args.num_prompts, args.prompt_seed)
+        calib, _ = sources.embedded_prompts(8, args.prompt_seed + 1)
+        evaluator = sources.embedded_evaluator(labels, args.reference_count, args.prompt_seed + 2)
+        return pipe, prompts, calib, evaluator, 7.5
     if args.model == "tiny":
         from tests import tiny
 
