@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         "guidance": setup.guidance_scale,
         "paper key steps": harness.paper_key_steps(pipe, args.steps),
     }
+    if args.model == "embedded":  # the floor: real rendered scenes with the same captions
+        real = evaluator.score(sources.embedded_real_images(len(prompts), args.prompt_seed), prompts)
+        meta["real scenes, same captions"] = ", ".join(f"{k} {v:.3f}" for k, v in real.items())
     cal = extras.get("calibration")
     if cal is not None:
         meta["auto key steps"] = list(cal.key_steps)

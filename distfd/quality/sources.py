@@ -74,6 +74,13 @@ def embedded_prompts(n: int, seed: int) -> tuple[list[str], dict[str, torch.Tens
     return sample_captions(n, seed)
 
 
+def embedded_real_images(n: int, seed: int) -> torch.Tensor:
+    """The rendered scenes of ``embedded_prompts(n, seed)`` (same captions), ``(n, 3, 32, 32)`` in ``[0, 1]``."""
+    from ..embedded.scenes import generate_scenes
+
+    return (generate_scenes(n, seed).as_float() + 1) / 2
+
+
 def embedded_evaluator(labels: dict[str, torch.Tensor], reference_count: int, seed: int) -> SceneEvaluator:
     """The judge, with features of ``reference_count`` real rendered scenes as the FD reference."""
     from ..embedded import load_judge
