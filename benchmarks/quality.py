@@ -134,15 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "embedded":  # the floor: real rendered scenes with the same captions
         real = evaluator.score(sources.embedded_real_images(len(prompts), args.prompt_seed), prompts)
         meta["real scenes, same captions"] = ", ".join(f"{k} {v:.3f}" for k, v in real.items())
-    cal = extras.get("calibration")
-    if cal is not None:
-        meta["auto key steps"] = list(cal.key_steps)
-        meta["encoder FLOP share"] = round(cal.encoder_fraction, 4)
+    cals = extras["calibrations"]
+    if cals:
         from distfd.plots import plot_drift
         from distfd.schedule import resolve_key_steps
 
-        paper = resolve_key_steps(meta["paper key steps"], args.steps, allow_rescale=True)
-        plot_drift(cal.drift, {"paper": paper, "auto": cal.key_steps}, Path(args.out) / f"{name}-drift.png")
+        sets = {"paper": resolve_key_steps(meta["paper key steps"], args.steps, allow_rescale=True)}
+        for key, cal in cals.items():
+            meta[f"{key} key steps"] = list(cal.key_steps)
+            sets[key] = cal.key_steps
+        meta["encoder FLOP share"] = round(next(iter(cals.values())).encoder_fraction, 4)
+        plot_drift(next(iter(cals.values())).drift, sets, Path(args.out) / f"{name}-drift.png")
     for path in report.write(rows, images, args.out, name, meta):
         logger.info("wrote %s", path)
     print(report.markdown(rows, name, meta))

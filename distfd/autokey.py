@@ -24,6 +24,8 @@ from .schedule import save_preset_file
 
 logger = logging.getLogger("distfd")
 
+WEIGHTINGS = ("sigma", "uniform")
+
 
 @dataclass(frozen=True)
 class Calibration:
@@ -36,6 +38,7 @@ class Calibration:
             modules of ``|f_j - f_k|^2 / |f_j|^2`` (0 on and below the diagonal).
         cost: Total drift of the chosen key steps (the minimised objective).
         encoder_fraction: Share of one denoiser call's FLOPs spent in the encoder modules.
+        weights: Per-step weights of the objective (``None``: uniform).
     """
 
     num_steps: int
@@ -43,6 +46,7 @@ class Calibration:
     drift: torch.Tensor
     cost: float
     encoder_fraction: float
+    weights: torch.Tensor | None = None
 
     @property
     def loop_length(self) -> int:
@@ -74,14 +78,21 @@ def segment_costs(drift: torch.Tensor) -> torch.Tensor:
     return seg  # (n, n + 1), meaningful for e > k
 
 
-def select_key_steps(drift: torch.Tensor, budget: int) -> tuple[tuple[int, ...], float]:
-    """Exactly ``budget`` key steps, 0 included, minimising total drift (DP over segments, O(K L^2)).
+def select_key_steps(
+    drift: torch.Tensor, budget: int, weights: torch.Tensor | None = None
+) -> tuple[tuple[int, ...], float]:
+    """Exactly ``budget`` key steps, 0 included, minimising ``sum_j w_j drift[k(j), j]`` over the non-key
+    steps ``j`` (``k(j)``: the last key step before ``j``), by DP over segments in O(K L^2).
 
-    Deterministic: ties go to the smaller index. Returns the key steps and their total drift.
+    Deterministic: ties go to the smaller index. Returns the key steps and their total (weighted) drift.
     """
     n = drift.shape[0]
     if drift.dim() != 2 or drift.shape[1] != n:
         raise ValueError(f"drift must be a square (L, L) matrix; got {tuple(drift.shape)}.")
+    if weights is not None:
+        if weights.shape != (n,) or bool((weights < 0).any()):
+            raise ValueError(f"weights must be {n} non-negative numbers; got shape {tuple(weights.shape)}.")
+        drift = drift * weights.to(drift.dtype)[None, :]
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n:
         raise ValueError(f"budget must be an int between 1 and the loop length {n}; got {budget!r}.")
     seg = segment_costs(drift).tolist()
@@ -134,6 +145,23 @@ def budget_for_speedup(loop_length: int, encoder_fraction: float, speedup: float
     return min(k, loop_length)
 
 
+def sigma_weights(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor | None:
+    """How far each step moves along the probability-flow ODE: ``w_j = sigma_j - sigma_{j+1}`` with
+    ``sigma_t = sqrt((1 - abar_t) / abar_t)`` and ``sigma = 0`` after the last step, normalised to mean 1.
+
+    In ``x / sqrt(abar)`` coordinates a DDIM / DPM-Solver step adds ``(sigma_{j+1} - sigma_j) * eps``, so a
+    noise-prediction error at step ``j`` reaches the sample scaled by ``w_j``. ``None`` for schedulers
+    without ``alphas_cumprod`` (e.g. flow matching).
+    """
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        return None
+    t = timesteps.long().clamp(0, len(abar) - 1)
+    sigma = ((1 - abar[t]) / abar[t]).sqrt().double()  # (L,)
+    w = (sigma - torch.cat([sigma[1:], sigma.new_zeros(1)])).clamp(min=0)
+    return w * (len(w) / w.sum()) if w.sum() > 0 else None
+
+
 def _relative_drift(features: list[list[torch.Tensor]]) -> torch.Tensor:
     """``features[step][module]`` (flattened encoder outputs) -> ``(L, L)`` relative drift."""
     n, m = len(features), len(features[0])
@@ -148,8 +176,9 @@ def _relative_drift(features: list[list[torch.Tensor]]) -> torch.Tensor:
 
 def record_encoder_drift(
     pipe: Any, num_inference_steps: int, prompts: Sequence[str], seed: int, **call_kwargs
-) -> tuple[torch.Tensor, float]:
-    """Run the vanilla pipeline once; return the ``(L, L)`` encoder drift and the encoder FLOP share."""
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Run the vanilla pipeline once; return the ``(L, L)`` encoder drift, the encoder FLOP share and the
+    loop's timesteps."""
     if getattr(pipe, "_distfd_handle", None) is not None:
         raise RuntimeError("calibrate() needs the vanilla pipeline; call handle.remove() first.")
     adapter, model = find_adapter(pipe)
@@ -190,7 +219,7 @@ def record_encoder_drift(
     total = counts.get(root, 0)
     if total <= 0 or enc <= 0:
         raise RuntimeError(f"calibrate(): could not count the FLOPs of {root}'s encoder modules.")
-    return _relative_drift(steps), enc / total
+    return _relative_drift(steps), enc / total, pipe.scheduler.timesteps[-len(steps) :].cpu()
 
 
 def calibrate(
@@ -201,6 +230,7 @@ def calibrate(
     prompts: str | Sequence[str] = "a photograph of an astronaut riding a horse",
     seed: int = 0,
     save_to: str | Path | None = None,
+    weighting: str = "sigma",
     **call_kwargs,
 ) -> Calibration:
     """Choose key steps for ``pipe`` from one vanilla run (beyond the paper's hand-picked sets).
@@ -208,7 +238,9 @@ def calibrate(
     Give either ``budget`` (the number of key steps, 0 included) or ``target_speedup`` (a denoiser-FLOP
     speed-up, turned into a budget by :func:`budget_for_speedup`). ``call_kwargs`` go to the pipeline
     call (guidance scale, size, ...); use the ones you will generate with. ``save_to`` writes a preset
-    JSON for ``FasterDiffusionConfig(key_steps=path)``.
+    JSON for ``FasterDiffusionConfig(key_steps=path)``. ``weighting``: ``"sigma"`` weights each step's
+    drift by how much the step moves the sample (:func:`sigma_weights`), ``"uniform"`` counts every step
+    alike.
     """
     if (budget is None) == (target_speedup is None):
         raise ValueError("give exactly one of budget (number of key steps) or target_speedup.")
@@ -222,14 +254,21 @@ def calibrate(
         raise ValueError(
             f"budget {budget} exceeds the {num_inference_steps} sampling steps; use at most {num_inference_steps}."
         )
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt to calibrate on.")
-    drift, fraction = record_encoder_drift(pipe, num_inference_steps, prompts, seed, **call_kwargs)
+    drift, fraction, timesteps = record_encoder_drift(pipe, num_inference_steps, prompts, seed, **call_kwargs)
+    weights = sigma_weights(pipe.scheduler, timesteps) if weighting == "sigma" else None
+    if weighting == "sigma" and weights is None:
+        logger.warning(
+            "%s has no alphas_cumprod; calibrating with uniform weights", type(pipe.scheduler).__name__
+        )
     if budget is None:
         budget = budget_for_speedup(drift.shape[0], fraction, float(target_speedup))
-    keys, cost = select_key_steps(drift, budget)
-    result = Calibration(num_inference_steps, keys, drift, cost, fraction)
+    keys, cost = select_key_steps(drift, budget, weights)
+    result = Calibration(num_inference_steps, keys, drift, cost, fraction, weights)
     logger.info(
         "calibrated %d key steps for %d steps: %s (drift %.4g, encoder %.1f%% of FLOPs, %.2fx predicted)",
         len(keys),

@@ -13,8 +13,10 @@ from distfd import autokey
 from tests import tiny
 
 
-def brute_force(drift: torch.Tensor, budget: int) -> float:
+def brute_force(drift: torch.Tensor, budget: int, weights: torch.Tensor | None = None) -> float:
     n = drift.shape[0]
+    if weights is not None:
+        drift = drift * weights[None, :]
     best = float("inf")
     for rest in itertools.combinations(range(1, n), budget - 1):
         keys = (0, *rest)
@@ -35,6 +37,23 @@ def test_dp_matches_brute_force(n: int, budget: int, seed: int) -> None:
     assert len(keys) == budget and keys[0] == 0 and list(keys) == sorted(set(keys))
     assert cost == pytest.approx(brute_force(drift, budget))
     assert cost == pytest.approx(sum(float(drift[max(k for k in keys if k <= j), j]) for j in range(n)))
+
+
+def test_dp_with_weights_matches_brute_force() -> None:
+    drift = random_drift(8, 5)
+    weights = torch.linspace(3.0, 0.1, 8, dtype=torch.float64)
+    keys, cost = autokey.select_key_steps(drift, 3, weights)
+    assert cost == pytest.approx(brute_force(drift, 3, weights))
+    with pytest.raises(ValueError, match="weights"):
+        autokey.select_key_steps(drift, 3, -weights)
+
+
+def test_sigma_weights_follow_the_noise_level() -> None:
+    sched = tiny.scheduler("ddim")
+    sched.set_timesteps(10)
+    w = autokey.sigma_weights(sched, sched.timesteps)
+    assert w.shape == (10,) and w.mean() == pytest.approx(1.0)
+    assert w.argmax() == 0 and w[0] > 5 * w[5]  # early (noisy) steps move the sample most
 
 
 def test_dp_follows_the_drift() -> None:
@@ -81,8 +100,9 @@ def test_calibrate_tiny_pipeline(tmp_path) -> None:
         assert handle.stats()["encoder_passes"] == 3
     finally:
         handle.remove()
-    by_speed = distfd.calibrate(pipe, 8, target_speedup=1.1, **kw)
-    assert by_speed.predicted_speedup >= 1.1
+    by_speed = distfd.calibrate(pipe, 8, target_speedup=1.1, weighting="uniform", **kw)
+    assert by_speed.predicted_speedup >= 1.1 and by_speed.weights is None
+    torch.testing.assert_close(by_speed.drift, first.drift)
 
 
 def test_calibrate_bad_input() -> None:
@@ -95,6 +115,8 @@ def test_calibrate_bad_input() -> None:
         distfd.calibrate(pipe, 8, budget=9)
     with pytest.raises(ValueError, match="prompts"):
         distfd.calibrate(pipe, 8, budget=2, prompts=[])
+    with pytest.raises(ValueError, match="weighting"):
+        distfd.calibrate(pipe, 8, budget=2, weighting="sqrt")
     handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=[0]))
     try:
         with pytest.raises(RuntimeError, match="vanilla"):

@@ -152,7 +152,7 @@ def test_harness_on_tiny_pipeline(tmp_path) -> None:
     assert math.isinf(by["vanilla"].psnr) and by["vanilla"].ssim == pytest.approx(1.0)
     assert by["vanilla"].flops_speedup == pytest.approx(1.0)
     assert by["propagate:uniform-2"].key_steps == [0, 2, 4] and by["propagate:uniform-2"].flops_speedup > 1
-    assert len(by["parallel:auto:nonoise"].key_steps) == 3 == len(extras["calibration"].key_steps)
+    assert len(by["parallel:auto:nonoise"].key_steps) == 3 == len(extras["calibrations"]["auto"].key_steps)
     assert all(math.isfinite(r.psnr) and "fd" in r.metrics for r in rows[1:])
     assert imgs["vanilla"].shape == (2, 3, 32, 32)
     paths = report.write(rows, imgs, tmp_path, "t", {"steps": 6}, grid_columns=2)

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..autokey import calibrate
 from ..schedule import PRESETS
 from .evaluators import Evaluator
-from .methods import Method, MethodUnavailable, activated, parse_method
+from .methods import AUTO, Method, MethodUnavailable, activated, parse_method
 from .metrics import psnr, ssim
 
 logger = logging.getLogger("distfd")
@@ -112,15 +112,15 @@ def denoiser_flops(pipe: Any, setup: Setup) -> float:
 
 
 def resolve_keys(pipe: Any, method: Method, setup: Setup, cache: dict[str, Any]) -> Any:
-    """Concrete key steps for a distfd method: ``paper`` -> preset, ``auto`` -> one calibration."""
+    """Concrete key steps for a distfd method: ``paper`` -> preset, ``auto*`` -> one calibration each."""
     if method.kind != "distfd":
         return None
     paper = paper_key_steps(pipe, setup.num_steps)
     if method.keys == "paper":
         return paper
-    if method.keys != "auto":
+    if method.keys not in AUTO:
         return method.keys
-    if "auto" not in cache:
+    if method.keys not in cache:
         budget = setup.budget or len(_expand(paper, setup.num_steps))
         prompts = setup.calibration_prompts or setup.prompts[:4]
         result = calibrate(
@@ -129,11 +129,12 @@ def resolve_keys(pipe: Any, method: Method, setup: Setup, cache: dict[str, Any])
             budget=budget,
             prompts=prompts,
             seed=setup.seed + 100_000,
+            weighting=AUTO[method.keys],
             guidance_scale=setup.guidance_scale,
             **setup.call_kwargs,
         )
-        cache["auto"] = result
-    return cache["auto"].key_steps
+        cache[method.keys] = result
+    return cache[method.keys].key_steps
 
 
 def _expand(spec: Any, num_steps: int) -> list[int]:
@@ -153,7 +154,7 @@ def evaluate(
     pipe: Any, names: Sequence[str], setup: Setup, evaluator: Evaluator | None = None
 ) -> tuple[list[Row], dict[str, torch.Tensor], dict[str, Any]]:
     """Run every configuration; returns the rows, each configuration's images, and extras
-    (the ``auto`` calibration under ``"calibration"``). ``vanilla`` always runs first."""
+    (the calibrations under ``"calibrations"``, by key name). ``vanilla`` always runs first."""
     methods = [parse_method(n) for n in names]
     if not any(m.kind == "vanilla" for m in methods):
         methods.insert(0, parse_method("vanilla"))
@@ -184,4 +185,4 @@ def evaluate(
         logger.info("%s: %s", method.name, {k: v for k, v in vars(row).items() if k != "name"})
         rows.append(row)
         images[method.name] = imgs
-    return rows, images, {"calibration": cache.get("auto")}
+    return rows, images, {"calibrations": cache}

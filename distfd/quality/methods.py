@@ -4,7 +4,8 @@ Names:
     ``vanilla``                      the pipeline as is
     ``<mode>[:<keys>][:nonoise]``    distfd with ``mode`` in ``propagate`` / ``parallel``; ``keys`` is
                                      ``paper`` (default: the paper's set for the scheduler), ``auto``
-                                     (calibrated, same budget as the paper's set unless given),
+                                     (calibrated, same budget as the paper's set unless given;
+                                     ``auto-uniform``: unweighted objective),
                                      ``uniform-K``, a preset name or a preset ``.json``; ``nonoise``
                                      turns prior noise injection off.
     ``deepcache-N``                  DeepCache (``DeepCacheSDHelper``), cache interval N, branch 0.
@@ -38,7 +39,9 @@ DEFAULT_METHODS = (
     "deepcache-5",
 )
 
-GRAMMAR = "vanilla | propagate|parallel[:paper|auto|uniform-K|<preset>|<file.json>][:nonoise] | deepcache-N"
+GRAMMAR = "vanilla | propagate|parallel[:paper|auto|auto-uniform|uniform-K|<preset>|<file.json>][:nonoise] | deepcache-N"
+# Calibrated key steps (distfd.calibrate) by objective weighting.
+AUTO = {"auto": "sigma", "auto-uniform": "uniform"}
 
 
 class MethodUnavailable(RuntimeError):
@@ -71,7 +74,7 @@ def parse_method(name: str) -> Method:
     if rest and rest[-1] == "nonoise":
         noise, rest = False, rest[:-1]
     keys = rest[0] if rest else "paper"
-    if keys not in ("paper", "auto"):
+    if keys not in ("paper", *AUTO):
         try:
             check_spec(keys)
         except ValueError as e:
