@@ -95,6 +95,29 @@ def test_real_model_metrics_need_local_weights(tmp_path) -> None:
         evaluators.find_inception_weights(tmp_path / "weights-inception-2015-12-05-6726825d.pth")
 
 
+def test_clip_score_with_a_local_tiny_clip(tmp_path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    text = dict(vocab_size=256, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                max_position_embeddings=16, bos_token_id=188, eos_token_id=189, pad_token_id=189)  # fmt: skip
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
+    crop = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=crop, tokenizer=tiny.tokenizer()).save_pretrained(tmp_path)
+    ev = evaluators.ClipFidEvaluator(clip_model=tmp_path)
+    out = ev.score(images(3), ["a red circle", "a cat", "a dog"])
+    assert set(out) == {"clip_score"} and 0.0 <= out["clip_score"] <= 100.0
+    assert ev.score(images(3), ["a red circle", "a cat", "a dog"]) == out
+
+
 @pytest.mark.parametrize(
     "name,match",
     [("fast", "unknown configuration"), ("propagate:every-2", "unknown key-step preset"),
@@ -204,3 +227,15 @@ def test_cli_bad_input(tmp_path, capsys) -> None:
         str(tmp_path / "nope"),
     )
     assert "does not exist" in err
+
+
+def test_embedded_judge_reads_real_scenes() -> None:
+    pytest.importorskip("distfd.embedded")
+    from distfd.quality import sources
+
+    prompts, labels = sources.embedded_prompts(32, 424242)
+    ev = sources.embedded_evaluator(labels, 256, 7)
+    real = sources.embedded_real_images(32, 424242)
+    out = ev.score(real, prompts)
+    assert out["adherence_all"] > 0.9
+    assert ev.score(torch.roll(real, 6, -1), prompts)["fd_judge"] > out["fd_judge"]

@@ -120,8 +120,30 @@ def load_images(directory: str | os.PathLike, size: int, limit: int | None = Non
     return torch.stack(out).float() / 255
 
 
+def _embedding(out: Any) -> torch.Tensor:
+    # transformers < 5 returns the projected embedding; 5.x an output object holding it as pooler_output.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@torch.no_grad()
+def clip_score(model: Any, processor: Any, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """CLIP score per image (Hessel et al. 2021, torchmetrics' definition): ``100 * max(cos(image, text), 0)``.
+
+    Computed here rather than with torchmetrics' ``CLIPScore``, which (1.9.0) fails under transformers
+    5.x: ``get_image_features`` there returns an output object, not a tensor.
+    """
+    pixels = [im.permute(1, 2, 0).mul(255).round().to(torch.uint8).cpu().numpy() for im in images]
+    inputs = processor(text=list(prompts), images=pixels, return_tensors="pt", padding=True, truncation=True)
+    img = _embedding(model.get_image_features(pixel_values=inputs["pixel_values"]))  # (n, d)
+    txt = _embedding(
+        model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    )
+    cos = F.cosine_similarity(img, txt, dim=-1)  # (n,)
+    return 100 * cos.clamp(min=0)
+
+
 class ClipFidEvaluator:
-    """CLIP score (torchmetrics ``CLIPScore``) and FID (torchmetrics ``FrechetInceptionDistance``) for real
+    """CLIP score (:func:`clip_score`) and FID (torchmetrics ``FrechetInceptionDistance``) for real
     models. Both need weights on disk; nothing is downloaded (construction fails with
     :class:`WeightsMissing` naming what to provide).
 
@@ -158,19 +180,15 @@ class ClipFidEvaluator:
             self.fid_reference = load_images(ref, 299, reference_limit)
 
     @staticmethod
-    def _clip(path: Path):
-        from torchmetrics.multimodal.clip_score import CLIPScore
+    def _clip(path: Path) -> tuple[Any, Any]:
         from transformers import CLIPModel, CLIPProcessor
 
-        return CLIPScore(
-            model_name_or_path=lambda: (CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path))
-        )
+        return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
         out = {}
         if self.clip is not None:
-            self.clip.reset()
-            out["clip_score"] = float(self.clip((images * 255).round().to(torch.uint8), list(prompts)))
+            out["clip_score"] = float(clip_score(*self.clip, images, prompts).mean())
         if self.fid_reference is not None:
             from torchmetrics.image.fid import FrechetInceptionDistance
 

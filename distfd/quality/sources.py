@@ -50,7 +50,11 @@ def load_path_pipeline(path: str | Path, device: str = "cpu", dtype: torch.dtype
 
 def path_evaluator(
     clip_model: str | None, reference_images: str | None, inception: str | None
-) -> ClipFidEvaluator:
+) -> ClipFidEvaluator | None:
+    """CLIP score and/or FID as asked; with neither asked, only PSNR/SSIM against vanilla are computed."""
+    if clip_model is None and reference_images is None:
+        logger.warning("no --clip-model or --reference-images: computing PSNR/SSIM against vanilla only")
+        return None
     return ClipFidEvaluator(clip_model, reference_images, inception)
 
 
