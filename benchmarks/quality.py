@@ -88,13 +88,20 @@ def load(args: argparse.Namespace):
             sources.read_prompts(args.prompts, args.num_prompts) if args.prompts else ["a red circle"] * 2
         )
         return tiny.sd(), prompts, prompts[:2], None, 5.0
-    prompts = sources.read_prompts(args.prompts, args.num_prompts)
+    every = sources.read_prompts(args.prompts)
+    prompts = every[: args.num_prompts]
+    calib = every[args.num_prompts : args.num_prompts + 4]  # calibrate on prompts kept out of the evaluation
+    if not calib:
+        logger.warning(
+            "the prompts file has no prompts beyond --num-prompts; 'auto' calibrates on evaluated ones"
+        )
+        calib = prompts[-4:]
     try:
         evaluator = sources.path_evaluator(args.clip_model, args.reference_images, args.inception_weights)
     except WeightsMissing as e:
         raise SystemExit(f"error: {e}") from e
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    return sources.load_path_pipeline(args.model, args.device, dtype), prompts, prompts[-4:], evaluator, 7.5
+    return sources.load_path_pipeline(args.model, args.device, dtype), prompts, calib, evaluator, 7.5
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..adapters import find_adapter
 from ..autokey import calibrate
 from ..schedule import PRESETS
 from .evaluators import Evaluator
@@ -107,8 +108,8 @@ def denoiser_flops(pipe: Any, setup: Setup) -> float:
     """FLOPs the denoiser spends on one prompt's sampling loop (measured, so DeepCache counts too)."""
     with FlopCounterMode(display=False) as counter:
         _call(pipe, setup, setup.prompts[:1], [setup.seed], output_type="latent")
-    counts = counter.get_flop_counts()
-    return float(sum(counts.get(type(pipe.unet).__name__, {}).values()))
+    _, model = find_adapter(pipe)
+    return float(sum(counter.get_flop_counts().get(type(model).__name__, {}).values()))
 
 
 def resolve_keys(pipe: Any, method: Method, setup: Setup, cache: dict[str, Any]) -> Any:
