@@ -5,7 +5,7 @@ Names:
     ``<mode>[:<keys>][:nonoise]``    distfd with ``mode`` in ``propagate`` / ``parallel``; ``keys`` is
                                      ``paper`` (default: the paper's set for the scheduler), ``auto``
                                      (calibrated, same budget as the paper's set unless given;
-                                     ``auto-uniform``: unweighted objective),
+                                     ``auto-sigma``: sigma-weighted objective),
                                      ``uniform-K``, a preset name or a preset ``.json``; ``nonoise``
                                      turns prior noise injection off.
     ``deepcache-N``                  DeepCache (``DeepCacheSDHelper``), cache interval N, branch 0.
@@ -34,14 +34,15 @@ DEFAULT_METHODS = (
     "propagate:uniform-5",
     "propagate:auto",
     "propagate:auto:nonoise",
+    "propagate:auto-sigma",
     "deepcache-2",
     "deepcache-3",
     "deepcache-5",
 )
 
-GRAMMAR = "vanilla | propagate|parallel[:paper|auto|auto-uniform|uniform-K|<preset>|<file.json>][:nonoise] | deepcache-N"
+GRAMMAR = "vanilla | propagate|parallel[:paper|auto|auto-sigma|uniform-K|<preset>|<file.json>][:nonoise] | deepcache-N"
 # Calibrated key steps (distfd.calibrate) by objective weighting.
-AUTO = {"auto": "sigma", "auto-uniform": "uniform"}
+AUTO = {"auto": "uniform", "auto-sigma": "sigma"}
 
 
 class MethodUnavailable(RuntimeError):
