@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from .adapters import find_adapter
+from .adapters.controlnet import side_hooks
 from .config import FasterDiffusionConfig
 from .engine import Engine
 from .hooks import DenoiserHook, EncoderModuleHook, ModuleHooks, SchedulerHooks
@@ -81,6 +82,7 @@ def apply(
         )
     check_spec(config.key_steps)
     adapter, model = find_adapter(pipe)
+    adapter = adapter.configured(config)
     if context is None:
         context = DistContext.from_process_group(device=model.device)
     engine = Engine(model, adapter, config, context, get_scheduler=lambda: pipe.scheduler)
@@ -88,6 +90,8 @@ def apply(
     for index, enc in enumerate(engine.modules):
         modules.add(enc.module, EncoderModuleHook(engine, index))
     modules.add(model, DenoiserHook(engine))
+    for module, hook in side_hooks(pipe, engine):
+        modules.add(module, hook)
     handle = Handle(pipe, engine, modules)
     pipe.__dict__[_ATTR] = handle
     return handle

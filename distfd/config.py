@@ -34,6 +34,8 @@ class FasterDiffusionConfig:
         encoder: Where the encoder runs when several ranks share an image: ``"rank0"`` runs it on
             rank 0 and broadcasts its features; ``"replicated"`` runs it on every rank from rank 0's
             latents, so only latents and noise predictions cross the network.
+        encoder_blocks: For transformer denoisers (DiT, PixArt), how many leading transformer blocks
+            form the encoder; ``None`` scales the paper's 18 of DiT-XL/2's 28 to the model's depth.
     """
 
     key_steps: str | Sequence[int] = "sd-ddim-50"
@@ -43,6 +45,7 @@ class FasterDiffusionConfig:
     rescale_key_steps: bool = False
     max_parallel_steps: int | None = None
     encoder: str = "rank0"
+    encoder_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.key_steps, str):
@@ -95,3 +98,9 @@ class FasterDiffusionConfig:
             raise ValueError(
                 f"max_parallel_steps must be None or an int >= 1; got {self.max_parallel_steps!r}."
             )
+        if self.encoder_blocks is not None and (
+            isinstance(self.encoder_blocks, bool)
+            or not isinstance(self.encoder_blocks, int)
+            or self.encoder_blocks < 1
+        ):
+            raise ValueError(f"encoder_blocks must be None or an int >= 1; got {self.encoder_blocks!r}.")

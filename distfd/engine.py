@@ -81,6 +81,7 @@ class Engine:
         self.rows: torch.Tensor | None = None  # input row served by each decoder row, (n,)
         self.batch_rows = 1  # rows per step in the pipeline's denoiser call
         self.run: Run | None = None
+        self.runs = 0  # runs started, numbering them for side models' caches
         self.counters = Counters()
         self._pending = None  # async broadcast of features still in flight
 
@@ -101,6 +102,10 @@ class Engine:
     def _select_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of a cached feature for the decoder batch; a feature of B*k rows (video frames) keeps
         each input row's k consecutive rows together."""
+        if self.rows is None:  # the decoder rows are the input rows, in order
+            # A clone keeps the memory layout a vanilla call would see, and keeps the cache safe
+            # from in-place ops in the decoder (FreeU, T2I adapters) that later steps would inherit.
+            return t.clone()
         per = t.shape[0] // self.batch_rows
         if per * self.batch_rows != t.shape[0]:
             raise RuntimeError(
@@ -137,8 +142,28 @@ class Engine:
         run.updates += 1
         if run.updates >= run.length:
             self.ctx.stats.tag = None
-            self.ctx.broadcast(prev_sample, src=0)
+            if prev_sample.is_contiguous():
+                self.ctx.broadcast(prev_sample, src=0)
+            else:  # collectives need contiguous memory
+                buf = prev_sample.contiguous()
+                self.ctx.broadcast(buf, src=0)
+                prev_sample.copy_(buf)
             self._end_run()
+
+    # Called by side-model hooks: a model the pipeline calls in each loop step before the denoiser.
+
+    def upcoming_call(self, timestep) -> tuple[int, bool]:
+        """(run number, is a key step) for the denoiser call that follows in this loop step.
+
+        Before a run has started (or after the last one finished) the call opens a new run, at its
+        step 0, always a key step. A timestep other than the expected one also counts as key (the
+        side model then computes rather than reuse something stale).
+        """
+        run = self.run
+        if run is None or run.step >= run.length:
+            return self.runs + 1, True
+        same = float(torch.as_tensor(timestep).reshape(-1)[0]) == float(run.timesteps[run.step])
+        return self.runs, run.step in run.key_steps or not same
 
     # Called by the denoiser hook once per loop step.
 
@@ -187,6 +212,7 @@ class Engine:
             self.config.key_steps, num_steps, len(timesteps), allow_rescale=self.config.rescale_key_steps
         )
         self.run = Run(timesteps=timesteps, key_steps=key_steps)
+        self.runs += 1
         self.ctx.stats.reset()
         cond = self.adapter.condition_tensor(call)
         check_agreement(self.ctx, fingerprint(self.config, key_steps, timesteps, sample, cond))
@@ -243,16 +269,21 @@ class Engine:
             spec = None
             if ctx.is_main:
                 leaves, tree = pytree.tree_flatten(self.features)
-                spec = (tree, [(tuple(x.shape), x.dtype) for x in leaves])
+                # Encoder modules whose output is not kept (DiT blocks) leave None leaves: not sent.
+                spec = (
+                    tree,
+                    [(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in leaves],
+                )
             run.feature_spec = ctx.broadcast_object(spec, src=0)
-        tree, layout = run.feature_spec
+        tree, entries = run.feature_spec
+        layout = [e for e in entries if e is not None]
         dtype = layout[0][1]
         if any(d != dtype for _, d in layout):
             raise RuntimeError("distfd: encoder features of mixed dtypes are not supported across ranks.")
         device = self.ctx.device
         if ctx.is_main:
             leaves, _ = pytree.tree_flatten(self.features)
-            flat = torch.cat([x.reshape(-1) for x in leaves])
+            flat = torch.cat([x.reshape(-1) for x in leaves if isinstance(x, torch.Tensor)])
             self._pending = ctx.broadcast(flat, src=0, async_op=True)
             self._pending_flat = flat  # keep alive until the broadcast completes
             return
@@ -260,7 +291,11 @@ class Engine:
         flat = torch.empty(numel, dtype=dtype, device=device)
         ctx.wait(ctx.broadcast(flat, src=0, async_op=True))
         leaves, start = [], 0
-        for shape, _ in layout:
+        for entry in entries:
+            if entry is None:
+                leaves.append(None)
+                continue
+            shape = entry[0]
             n = int(torch.Size(shape).numel())
             leaves.append(flat[start : start + n].view(shape))
             start += n
@@ -276,9 +311,12 @@ class Engine:
             idx = torch.arange(mine.start, mine.stop, device=sample.device)
             src = idx % rows_per_step  # which input row (CFG half, image) each decoder row serves
             t_rows = run.timesteps.to(sample.device)[steps.start + idx // rows_per_step]  # (n,)
+            # One step's rows in order (propagation, all-key steps): no copies, so the decoder sees
+            # the very tensors (and memory layouts) a vanilla call would.
+            same = len(mine) == rows_per_step and mine.start % rows_per_step == 0
             args = dict(bound.arguments)
             for name, value in args.items():
-                if name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
+                if not same and name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
                     args[name] = pytree.tree_map_only(
                         torch.Tensor,
                         lambda x: (
@@ -288,10 +326,10 @@ class Engine:
                         ),
                         value,
                     )
-            args[self.adapter.sample_arg] = sample.index_select(0, src)
+            args[self.adapter.sample_arg] = sample if same else sample.index_select(0, src)
             args[self.adapter.timestep_arg] = t_rows
             call = inspect.BoundArguments(bound.signature, args)
-            self.phase, self.rows, self.batch_rows = "replay", src, rows_per_step
+            self.phase, self.rows, self.batch_rows = "replay", None if same else src, rows_per_step
             try:
                 local = self.adapter.get_sample(original(*call.args, **call.kwargs))
             finally:

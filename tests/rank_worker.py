@@ -5,6 +5,7 @@ Run by ``tests/multirank.py`` with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set, 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -35,20 +36,28 @@ def _failure_callback(fail: dict, rank: int):
     return callback
 
 
+def _find(name: str):
+    """A builder or runner: ``"sd"`` is ``tiny.sd``; ``"tiny_models.dit"`` is ``tests.tiny_models.dit``."""
+    if "." not in name:
+        return getattr(tiny, name)
+    module, attr = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"tests.{module}"), attr)
+
+
 def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     ctx = distfd.DistContext.from_env(timeout_s=spec.get("timeout_s", 60))
     out = Path(out_dir)
     try:
         for n, case in enumerate(spec["cases"]):
-            pipe = getattr(tiny, case.get("pipe", "sd"))(case.get("sched", "ddim"))
+            pipe = _find(case.get("pipe", "sd"))(case.get("sched", "ddim"))
             handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(**case["config"]), context=ctx)
             call = dict(case.get("call", {}))
             call.update(case.get("call_by_rank", {}).get(str(ctx.rank), {}))
             if "fail" in case:
                 call["callback_on_step_end"] = _failure_callback(case["fail"], ctx.rank)
             steps = case.get("steps_by_rank", {}).get(str(ctx.rank), case.get("steps", 10))
-            latents = tiny.run(pipe, steps=steps, **call)
+            latents = _find(case.get("run", "run"))(pipe, steps=steps, **call)
             torch.save({"latents": latents, "stats": handle.stats()}, out / f"case{n}_rank{ctx.rank}.pt")
             handle.remove()
     except Exception as e:  # noqa: BLE001 - the parent reads the message

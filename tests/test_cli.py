@@ -16,6 +16,7 @@ from . import tiny
 from .multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--steps", "10", "--key-steps", "0,1,3,6", "--height", "32", "--width", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,7 @@ def test_generate_compare_writes_png_and_prints_speedup(model_dir, tmp_path, cap
             str(model_dir),
             "--prompt",
             "a red circle",
-            "--steps",
-            "10",
-            "--key-steps",
-            "0,1,3,6",
-            "--height",
-            "32",
-            "--width",
-            "32",
+            *TINY_RUN,
             "--compare",
             "--out",
             str(out),
@@ -87,14 +81,7 @@ def test_torchrun_two_ranks(model_dir, tmp_path):
         "generate",
         "--model",
         str(model_dir),
-        "--steps",
-        "10",
-        "--key-steps",
-        "0,1,3,6",
-        "--height",
-        "32",
-        "--width",
-        "32",
+        *TINY_RUN,
         "--out",
         str(out),
         "--timeout",

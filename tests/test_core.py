@@ -56,6 +56,7 @@ def test_max_parallel_steps_splits_batches_without_changing_results():
     assert handle.stats()["decoder_passes"] == 1 + 1 + 2 + 2  # groups of 1, 2, 3, 4 steps in twos
 
 
+@torch.no_grad()
 def reference_propagation(pipe, key_steps, guidance=5.0, alpha=0.003, below=0.5, seed=0):
     """Encoder propagation written out step by step: a plain sampling loop, encoder outputs replaced
     through torch forward hooks, CFG and prior noise injection by hand."""

@@ -71,7 +71,7 @@ def test_n_ranks_equal_one_process(world_size, references, tmp_path):
 def test_lost_rank_ends_the_others(how, tmp_path):
     timeout = 15
     case = {"config": {"key_steps": KEYS, "mode": "parallel"}, "fail": {"rank": 1, "at_step": 3, "how": how}}
-    results = launch({"cases": [case], "timeout_s": timeout}, 2, tmp_path, wait_s=180, grace_s=120)
+    results = launch({"cases": [case], "timeout_s": timeout}, 2, tmp_path, wait_s=180, grace_s=5)
     rank0 = results[0]
     assert rank0.returncode not in (0, None), rank0.log[-2000:]
     assert "DistributedError" in rank0.error and "peer rank" in rank0.error

@@ -68,6 +68,10 @@ def vae() -> AutoencoderKL:
     ).eval()
 
 
+# What every tiny UNet shares: 16x16 latents of 4 channels, two levels, one layer each.
+UNET_KW = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32))
+
+
 def scheduler(name: str = "ddim"):
     return SCHEDULERS[name](**SCHED_KW, **EXTRA.get(name, {}))
 
@@ -76,11 +80,7 @@ def sd(sched: str = "ddim", seed: int = 0) -> StableDiffusionPipeline:
     """A tiny SD-1.x pipeline: 16x16 latents, cross-attention down/mid/up blocks, 32x32 images."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
+        **UNET_KW,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
@@ -105,11 +105,7 @@ def sdxl(sched: str = "ddim", seed: int = 0) -> StableDiffusionXLPipeline:
     """A tiny SDXL pipeline with both text encoders and the text_time added conditions."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
+        **UNET_KW,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=64,

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+)
 
 from .base import Adapter, EncoderModule
+from .dit import DIT_PIPELINES, PIXART_PIPELINES, DiTAdapter
 from .unet import UNET_PIPELINES, UNetAdapter
+from .unet3d import UNET3D_PIPELINES, UNet3DAdapter
 
 # Denoiser class -> adapter. Looked up by exact class first, then by isinstance.
 REGISTRY: dict[type, Adapter] = {
     UNet2DConditionModel: UNetAdapter("unet", "unet", pipelines=UNET_PIPELINES),
+    UNet3DConditionModel: UNet3DAdapter("unet3d", "unet", pipelines=UNET3D_PIPELINES),
+    DiTTransformer2DModel: DiTAdapter("dit", pipelines=DIT_PIPELINES),
+    PixArtTransformer2DModel: DiTAdapter("pixart", pipelines=PIXART_PIPELINES),
+}
+
+# Pipelines whose denoiser is supported but whose sampling loop is not, and why.
+UNSUPPORTED: dict[str, str] = {
+    "TextToVideoZeroPipeline": (
+        "its __call__ denoises the first frame down to T_1 and T_0, noises it forward again and then "
+        "repeats the timesteps from T_1 on all frames (with a deep copy of the scheduler and no "
+        "set_timesteps in between), so the UNet is called more than once per scheduler timestep and "
+        "distfd cannot tell which loop step a call belongs to; its cross-frame attention also reads "
+        "the video length from the batch size, which a parallel decoder batch (steps x frames rows) "
+        "would break"
+    ),
 }
 
 
@@ -30,6 +52,9 @@ def _pipeline_ok(pipe, adapter: Adapter) -> bool:
 def find_adapter(pipe) -> tuple[Adapter, object]:
     """The adapter and denoiser for ``pipe``; a clear error for anything unsupported."""
     listing = "; ".join(f"{m}: {', '.join(p)}" for m, p in supported().items())
+    reason = UNSUPPORTED.get(type(pipe).__name__)
+    if reason is not None:
+        raise ValueError(f"{type(pipe).__name__} is not supported by distfd: {reason}. Supported: {listing}.")
     for adapter in REGISTRY.values():
         model = getattr(pipe, adapter.denoiser_attr, None)
         if model is None:
@@ -53,4 +78,4 @@ def find_adapter(pipe) -> tuple[Adapter, object]:
     )
 
 
-__all__ = ["Adapter", "EncoderModule", "REGISTRY", "find_adapter", "register", "supported"]
+__all__ = ["Adapter", "EncoderModule", "REGISTRY", "UNSUPPORTED", "find_adapter", "register", "supported"]

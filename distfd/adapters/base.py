@@ -33,6 +33,15 @@ class Adapter:
     timestep_arg: str = "timestep"
     pipelines: tuple[str, ...] = field(default_factory=tuple)
 
+    def configured(self, config) -> Adapter:
+        """This adapter with the per-call options of ``config`` applied (none for a UNet)."""
+        if getattr(config, "encoder_blocks", None) is not None:
+            raise ValueError(
+                f"encoder_blocks is set but the {self.name} adapter has no transformer blocks to split; "
+                "it applies to DiT and PixArt only. Leave it None."
+            )
+        return self
+
     def encoder_modules(self, model: nn.Module) -> list[EncoderModule]:
         raise NotImplementedError
 

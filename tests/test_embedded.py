@@ -1,0 +1,96 @@
+"""Tests of the embedded tiny-shapes model, scene generator and judge (CPU, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distfd.embedded import default_model_path, judge_path, load_judge
+from distfd.embedded.judge import accuracy
+from distfd.embedded.scenes import ATTRIBUTES, generate_scenes, sample_captions
+
+TEST_SEED = 987_654  # not used by train_judge (seed 0) nor by train_pipeline (seed 0)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(
+        default_model_path(), dtype=torch.float32, local_files_only=True
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_shipped_files_exist():
+    root = default_model_path()
+    for sub in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "training.json"):
+        assert (root / sub).exists(), sub
+    assert (judge_path() / "model.safetensors").exists()
+    index = json.loads((root / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["requires_safety_checker"] is False
+
+
+def test_pipeline_loads_offline(pipe):
+    from diffusers import UNet2DConditionModel
+
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    kinds = {type(b).__name__ for b in [*pipe.unet.down_blocks, *pipe.unet.up_blocks, pipe.unet.mid_block]}
+    assert {"CrossAttnDownBlock2D", "CrossAttnUpBlock2D", "UNetMidBlock2DCrossAttn"} <= kinds
+    assert pipe.safety_checker is None
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    assert pipe.scheduler.config.num_train_timesteps == 1000
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+
+
+def test_tokenizer_loads_like_stable_diffusion():
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(default_model_path() / "tokenizer")
+    ids = tok("a small red circle at the top left on a blue background").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(ids) == 2 + 12  # one token per word
+
+
+def test_short_generation(pipe):
+    out = pipe(
+        ["a large red square in the centre on a white background"] * 2,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    assert out.images.shape == (2, 32, 32, 3)
+    assert np.isfinite(out.images).all()
+    assert 0.0 <= out.images.min() and out.images.max() <= 1.0
+
+
+def test_scenes_deterministic():
+    a, b = generate_scenes(64, seed=5, two_shape_prob=0.3), generate_scenes(64, seed=5, two_shape_prob=0.3)
+    assert torch.equal(a.images, b.images) and a.captions == b.captions
+    assert all(torch.equal(a.labels[k], b.labels[k]) for k in a.labels)
+    c = generate_scenes(64, seed=6, two_shape_prob=0.3)
+    assert not torch.equal(a.images, c.images) and a.captions != c.captions
+    assert a.images.shape == (64, 3, 32, 32) and a.images.dtype == torch.uint8
+    assert -1.0 <= float(a.as_float().min()) and float(a.as_float().max()) <= 1.0
+
+
+def test_sample_captions_match_scenes():
+    caps, labels = sample_captions(20, seed=11)
+    scenes = generate_scenes(20, seed=11)
+    assert caps == scenes.captions
+    assert set(ATTRIBUTES) <= set(labels)
+    assert torch.equal(labels["shape"], scenes.labels["shape"])
+
+
+def test_judge_accuracy_on_fresh_scenes():
+    judge = load_judge()
+    scenes = generate_scenes(1000, seed=TEST_SEED)
+    acc = accuracy(judge.predict(scenes.images), scenes.labels)
+    assert acc["shape"] >= 0.95, acc
+    assert acc["colour"] >= 0.95, acc
+    assert judge.features(scenes.images[:8]).shape[0] == 8
