@@ -7,6 +7,7 @@
 
 from .adapters import supported
 from .apply import Handle, apply
+from .autokey import Calibration, calibrate
 from .config import FasterDiffusionConfig
 from .runtime import DistContext, DistributedError
 from .schedule import PRESETS, Preset, resolve_key_steps
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "Calibration",
     "DistContext",
     "DistributedError",
     "FasterDiffusionConfig",
@@ -22,6 +24,7 @@ __all__ = [
     "Preset",
     "__version__",
     "apply",
+    "calibrate",
     "resolve_key_steps",
     "supported",
 ]

@@ -142,6 +142,12 @@ def check_spec(spec: str | Sequence[int]) -> None:
     """Reject an unknown preset name early (before any pipeline call)."""
     if not isinstance(spec, str):
         return
+    if spec == "auto":
+        raise ValueError(
+            "key_steps='auto' needs a calibration run: cal = distfd.calibrate(pipe, num_inference_steps, "
+            "budget=K), then FasterDiffusionConfig(key_steps=cal.key_steps) (or cal.save('keys.json') and "
+            "key_steps='keys.json')."
+        )
     if spec.startswith("uniform-"):
         resolve_key_steps(spec, 1)
     elif spec.endswith(".json"):

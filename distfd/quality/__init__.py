@@ -1,0 +1,1 @@
+"""Quality evaluation of accelerated sampling: metrics, evaluators, the comparison harness."""

@@ -1,0 +1,95 @@
+"""Where the harness gets its pipeline, prompts and evaluator: the embedded shapes model or a path."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluators import ClipFidEvaluator, SceneEvaluator
+
+logger = logging.getLogger("distfd")
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+
+
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap in ``ddim`` or ``dpm`` (DPM-Solver++ multistep) built from the pipeline's own config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)}.")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """One prompt per line (e.g. MS-COCO captions); blank lines are skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"prompts file {p} does not exist.")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {p} holds no prompts (one per line).")
+    return prompts[:limit]
+
+
+def load_path_pipeline(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """A diffusers pipeline saved at ``path`` (local files only)."""
+    from diffusers import DiffusionPipeline
+
+    p = Path(path)
+    if not (p / "model_index.json").is_file():
+        raise ValueError(f"{p} is not a diffusers pipeline directory (no model_index.json).")
+    pipe = DiffusionPipeline.from_pretrained(p, torch_dtype=dtype, local_files_only=True, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def path_evaluator(
+    clip_model: str | None, reference_images: str | None, inception: str | None
+) -> ClipFidEvaluator | None:
+    """CLIP score and/or FID as asked; with neither asked, only PSNR/SSIM against vanilla are computed."""
+    if clip_model is None and reference_images is None:
+        logger.warning("no --clip-model or --reference-images: computing PSNR/SSIM against vanilla only")
+        return None
+    return ClipFidEvaluator(clip_model, reference_images, inception)
+
+
+# The embedded shapes model (distfd.embedded); imported only when used.
+
+
+def load_embedded_pipeline() -> Any:
+    from diffusers import DiffusionPipeline
+
+    from ..embedded import default_model_path
+
+    pipe = DiffusionPipeline.from_pretrained(default_model_path(), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def embedded_prompts(n: int, seed: int) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """``n`` single-shape scene captions and their requested attributes."""
+    from ..embedded.scenes import sample_captions
+
+    return sample_captions(n, seed)
+
+
+def embedded_real_images(n: int, seed: int) -> torch.Tensor:
+    """The rendered scenes of ``embedded_prompts(n, seed)`` (same captions), ``(n, 3, 32, 32)`` in ``[0, 1]``."""
+    from ..embedded.scenes import generate_scenes
+
+    return (generate_scenes(n, seed).as_float() + 1) / 2
+
+
+def embedded_evaluator(labels: dict[str, torch.Tensor], reference_count: int, seed: int) -> SceneEvaluator:
+    """The judge, with features of ``reference_count`` real rendered scenes as the FD reference."""
+    from ..embedded import load_judge
+    from ..embedded.scenes import generate_scenes
+
+    judge = load_judge()
+    real = generate_scenes(reference_count, seed)
+    return SceneEvaluator(judge, labels, judge.features(real.as_float()))

@@ -1,0 +1,241 @@
+"""Quality harness: metrics on known cases, configuration names, DeepCache, the CLI's input checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from distfd.quality import evaluators, harness, methods, metrics, report
+from tests import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    return smooth.clamp(0, 1)  # (n, 3, 32, 32)
+
+
+def test_psnr_ssim_known_cases() -> None:
+    a = images()
+    assert torch.isinf(metrics.psnr(a, a)).all()
+    torch.testing.assert_close(metrics.ssim(a, a), torch.ones(4))
+    shifted = torch.roll(a, shifts=3, dims=-1)
+    noisy = (a + 0.01 * torch.randn_like(a)).clamp(0, 1)
+    assert (metrics.psnr(a, noisy) > metrics.psnr(a, shifted)).all()
+    assert (metrics.ssim(a, noisy) > metrics.ssim(a, shifted)).all()
+    assert (metrics.ssim(a, shifted) < 1).all()
+    # PSNR of a constant offset: 10 log10(1 / 0.1^2) = 20 dB.
+    assert metrics.psnr(torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.1)).item() == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="equal shape"):
+        metrics.psnr(a, a[:2])
+
+
+def test_frechet_distance_known_cases() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 6, generator=g)
+    assert metrics.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+    # Two Gaussians with identity covariance and means 2 apart in one coordinate: FD = 4.
+    big = torch.randn(200_000, 2, generator=g)
+    assert metrics.frechet_distance(big, big + torch.tensor([2.0, 0.0])) == pytest.approx(4.0, rel=1e-6)
+    a = images(64)
+    feats = evaluators.pooled_pixels
+    ref = feats(a)
+    assert (
+        metrics.frechet_distance(feats(a), ref)
+        < 1e-6
+        < metrics.frechet_distance(feats(torch.roll(a, 8, -1)), ref)
+    )
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.frechet_distance(x[:1], x)
+
+
+def test_adherence() -> None:
+    pred = {"shape": torch.tensor([0, 1, 2, 0]), "colour": torch.tensor([1, 1, 1, 1])}
+    want = {"shape": torch.tensor([0, 1, 0, 0]), "colour": torch.tensor([1, 1, 1, 0])}
+    assert metrics.adherence(pred, want, ["shape", "colour"]) == {"shape": 0.75, "colour": 0.75, "all": 0.5}
+    with pytest.raises(ValueError, match="missing"):
+        metrics.adherence(pred, want, ["position"])
+
+
+class FakeJudge:
+    """Reads 'shape' from the mean red level and 'colour' from the mean green level."""
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"shape": (x[:, 0].mean((1, 2)) > 0).long(), "colour": (x[:, 1].mean((1, 2)) > 0).long()}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return evaluators.pooled_pixels(x, 2)
+
+
+def test_scene_evaluator_with_a_stand_in_judge() -> None:
+    red = torch.zeros(4, 3, 8, 8)
+    red[:, 0] = 1.0
+    labels = {"shape": torch.tensor([1, 1, 0, 1]), "colour": torch.zeros(4, dtype=torch.long)}
+    ev = evaluators.SceneEvaluator(
+        FakeJudge(), labels, FakeJudge().features(red * 2 - 1 + 0.01 * torch.randn_like(red))
+    )
+    out = ev.score(red, ["p"] * 4)
+    assert out["adherence_shape"] == 0.75 and out["adherence_colour"] == 1.0 and out["adherence_all"] == 0.75
+    assert out["fd_judge"] < 1e-2
+
+
+def test_real_model_metrics_need_local_weights(tmp_path) -> None:
+    with pytest.raises(evaluators.WeightsMissing, match="clip-model"):
+        evaluators.ClipFidEvaluator(clip_model=tmp_path / "no-such-clip")
+    with pytest.raises(evaluators.WeightsMissing, match="give"):
+        evaluators.ClipFidEvaluator()
+    with pytest.raises(evaluators.WeightsMissing, match="weights-inception"):
+        evaluators.find_inception_weights(tmp_path / "weights-inception-2015-12-05-6726825d.pth")
+
+
+def test_clip_score_with_a_local_tiny_clip(tmp_path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    text = dict(vocab_size=256, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                max_position_embeddings=16, bos_token_id=188, eos_token_id=189, pad_token_id=189)  # fmt: skip
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
+    crop = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=crop, tokenizer=tiny.tokenizer()).save_pretrained(tmp_path)
+    ev = evaluators.ClipFidEvaluator(clip_model=tmp_path)
+    out = ev.score(images(3), ["a red circle", "a cat", "a dog"])
+    assert set(out) == {"clip_score"} and 0.0 <= out["clip_score"] <= 100.0
+    assert ev.score(images(3), ["a red circle", "a cat", "a dog"]) == out
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [("fast", "unknown configuration"), ("propagate:every-2", "unknown key-step preset"),
+     ("deepcache-x", "deepcache-N"), ("parallel:paper:nonoise:extra", "unknown configuration")],
+)  # fmt: skip
+def test_bad_configuration_names(name: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        methods.parse_method(name)
+
+
+def test_configuration_names() -> None:
+    m = methods.parse_method("parallel:uniform-3:nonoise")
+    assert (m.kind, m.mode, m.keys, m.noise) == ("distfd", "parallel", "uniform-3", False)
+    assert methods.parse_method("propagate").keys == "paper"
+    assert methods.parse_method("deepcache-5").interval == 5
+    assert [m.name for m in methods.parse_methods(list(methods.DEFAULT_METHODS))] == list(
+        methods.DEFAULT_METHODS
+    )
+    with pytest.raises(ValueError, match="twice"):
+        methods.parse_methods(["vanilla", "vanilla"])
+
+
+def test_deepcache_runs_and_leaves_no_trace() -> None:
+    pipe = tiny.sd()
+    ref = tiny.run(pipe, steps=6)
+    before = {n: dict(m.__dict__) for n, m in pipe.unet.named_modules()}
+    calls = []
+    deep = pipe.unet.down_blocks[1].resnets[0].conv1
+    hook = deep.register_forward_hook(lambda *a: calls.append(1))
+    with methods.activated(pipe, methods.parse_method("deepcache-1")):
+        torch.testing.assert_close(tiny.run(pipe, steps=6), ref)
+    assert len(calls) == 6
+    calls.clear()
+    with methods.activated(pipe, methods.parse_method("deepcache-3")):
+        cached = tiny.run(pipe, steps=6)
+    assert len(calls) == 2  # the deep blocks run at steps 0 and 3 only
+    assert not torch.allclose(cached, ref)
+    hook.remove()
+    assert {n: set(m.__dict__) for n, m in pipe.unet.named_modules()} == {
+        n: set(d) for n, d in before.items()
+    }
+    torch.testing.assert_close(tiny.run(pipe, steps=6), ref)
+
+
+def test_harness_on_tiny_pipeline(tmp_path) -> None:
+    pipe = tiny.sd()
+    setup = harness.Setup(
+        prompts=["a red circle", "a blue square"], num_steps=5, guidance_scale=5.0, batch_size=2, budget=3
+    )
+    ev = evaluators.FeatureEvaluator(evaluators.pooled_pixels, torch.rand(16, 48))
+    names = ["propagate:uniform-2", "parallel:auto:nonoise", "deepcache-2"]
+    rows, imgs, extras = harness.evaluate(pipe, names, setup, ev)
+    by = {r.name: r for r in rows}
+    assert list(by) == ["vanilla", *names]
+    assert math.isinf(by["vanilla"].psnr) and by["vanilla"].ssim == pytest.approx(1.0)
+    assert by["vanilla"].flops_speedup == pytest.approx(1.0)
+    assert by["propagate:uniform-2"].key_steps == [0, 2, 4] and by["propagate:uniform-2"].flops_speedup > 1
+    assert len(by["parallel:auto:nonoise"].key_steps) == 3 == len(extras["calibrations"]["auto"].key_steps)
+    assert all(math.isfinite(r.psnr) and "fd" in r.metrics for r in rows[1:])
+    assert imgs["vanilla"].shape == (2, 3, 32, 32)
+    paths = report.write(rows, imgs, tmp_path, "t", {"steps": 6}, grid_columns=2)
+    assert json.loads(paths[1].read_text())["rows"][0]["psnr"] == "inf"
+    assert "| propagate:uniform-2 | 3: 0,2,4 |" in paths[0].read_text()
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_budget_larger_than_steps() -> None:
+    with pytest.raises(ValueError, match="budget 9"):
+        harness.Setup(prompts=["x"], num_steps=8, budget=9)
+    with pytest.raises(ValueError, match="no prompts"):
+        harness.Setup(prompts=[], num_steps=8)
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("quality_cli", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli(capsys, *args: str) -> tuple[object, str]:
+    with pytest.raises(SystemExit) as e:
+        load_cli().main(list(args))
+    return e.value.code, capsys.readouterr().err + str(e.value.code)
+
+
+def test_cli_bad_input(tmp_path, capsys) -> None:
+    code, err = cli(capsys, "--model", "tiny", "--configs", "vanilla,turbo")
+    assert code == 2 and "unknown configuration 'turbo'" in err
+    code, err = cli(capsys, "--model", "tiny", "--steps", "10", "--budget", "11")
+    assert code == 2 and "--budget 11" in err
+    code, err = cli(capsys, "--model", "tiny", "--prompts", str(tmp_path / "missing.txt"))
+    assert "does not exist" in err
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    code, err = cli(capsys, "--model", "tiny", "--prompts", str(tmp_path / "empty.txt"))
+    assert "holds no prompts" in err
+    code, err = cli(capsys, "--model", str(tmp_path))
+    assert code == 2 and "--prompts" in err
+    (tmp_path / "p.txt").write_text("a cat\n")
+    code, err = cli(
+        capsys,
+        "--model",
+        str(tmp_path),
+        "--prompts",
+        str(tmp_path / "p.txt"),
+        "--clip-model",
+        str(tmp_path / "nope"),
+    )
+    assert "does not exist" in err
+
+
+def test_embedded_judge_reads_real_scenes() -> None:
+    pytest.importorskip("distfd.embedded")
+    from distfd.quality import sources
+
+    prompts, labels = sources.embedded_prompts(32, 424242)
+    ev = sources.embedded_evaluator(labels, 256, 7)
+    real = sources.embedded_real_images(32, 424242)
+    out = ev.score(real, prompts)
+    assert out["adherence_all"] > 0.9
+    assert ev.score(torch.roll(real, 6, -1), prompts)["fd_judge"] > out["fd_judge"]
