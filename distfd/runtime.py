@@ -137,7 +137,8 @@ class DistContext:
                 raise ValueError(f"{var} is not set; launch with torchrun, or export it in the Slurm script.")
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
-        dev = torch.device(device) if device else _local_device()
+        # A bare "cuda" means this rank's GPU (LOCAL_RANK), not GPU 0 for every rank.
+        dev = _local_device() if device in (None, "cuda") else torch.device(device)
         if backend is None:
             backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
