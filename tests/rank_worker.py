@@ -51,7 +51,8 @@ def main(spec_path: str, out_dir: str) -> None:
     try:
         for n, case in enumerate(spec["cases"]):
             pipe = _find(case.get("pipe", "sd"))(case.get("sched", "ddim"))
-            handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(**case["config"]), context=ctx)
+            config = {**case["config"], **case.get("config_by_rank", {}).get(str(ctx.rank), {})}
+            handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(**config), context=ctx)
             call = dict(case.get("call", {}))
             call.update(case.get("call_by_rank", {}).get(str(ctx.rank), {}))
             if "fail" in case:

@@ -85,6 +85,7 @@ def test_lost_rank_ends_the_others(how, tmp_path):
         ({"call_by_rank": {"1": {"prompt": "a blue square"}}}, "prompt embedding"),
         ({"steps_by_rank": {"1": 8}}, "step count"),
         ({"call_by_rank": {"1": {"height": 64, "width": 64}}}, "latent shape"),
+        ({"config_by_rank": {"1": {"key_steps": [0, 2, 5]}}}, "key steps"),
     ],
 )
 def test_disagreeing_ranks_get_a_clear_error(by_rank, what, tmp_path):
