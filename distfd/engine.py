@@ -29,6 +29,11 @@ from .schedule import chunk_after, resolve_key_steps, shard
 logger = logging.getLogger("distfd")
 
 
+def _timestep_value(t) -> float:
+    """The timestep of a denoiser call as a number (pipelines pass a scalar, a 0-d or a (B,) tensor)."""
+    return float(torch.as_tensor(t).reshape(-1)[0])
+
+
 class _EncoderDone(Exception):
     """Raised after the last encoder module of an encoder pass, to skip the decoder."""
 
@@ -162,7 +167,7 @@ class Engine:
         run = self.run
         if run is None or run.step >= run.length:
             return self.runs + 1, True
-        same = float(torch.as_tensor(timestep).reshape(-1)[0]) == float(run.timesteps[run.step])
+        same = _timestep_value(timestep) == float(run.timesteps[run.step])
         return self.runs, run.step in run.key_steps or not same
 
     # Called by the denoiser hook once per loop step.
@@ -173,11 +178,11 @@ class Engine:
         sample, t = call[self.adapter.sample_arg], call[self.adapter.timestep_arg]
         run = self.run if self.run is not None and self.run.step < self.run.length else self._start_run(call)
         i = run.step
-        expected = run.timesteps[i]
-        if float(torch.as_tensor(t).reshape(-1)[0]) != float(expected):
+        expected, got = float(run.timesteps[i]), _timestep_value(t)
+        if got != expected:
             raise RuntimeError(
-                f"distfd expected the denoiser call for loop step {i} (timestep {float(expected)}) but got "
-                f"timestep {float(torch.as_tensor(t).reshape(-1)[0])}: this pipeline calls the denoiser in a "
+                f"distfd expected the denoiser call for loop step {i} (timestep {expected}) but got "
+                f"timestep {got}: this pipeline calls the denoiser in a "
                 "pattern distfd does not support (one call per scheduler timestep)."
             )
         if i not in run.served:
@@ -198,7 +203,7 @@ class Engine:
         sched = self.get_scheduler()
         sample, t = call[self.adapter.sample_arg], call[self.adapter.timestep_arg]
         all_t = sched.timesteps
-        t0 = float(torch.as_tensor(t).reshape(-1)[0])
+        t0 = _timestep_value(t)
         hits = (all_t.float() == t0).nonzero()
         if len(hits) == 0:
             raise RuntimeError(
@@ -268,14 +273,16 @@ class Engine:
         Each distinct tensor is sent once: a UNet down block's last skip tensor is its output too.
         """
         run, ctx = self.run, self.ctx
+        distinct: list[torch.Tensor] = []
+        if ctx.is_main:
+            leaves, tree = pytree.tree_flatten(self.features)
+            distinct = list({id(x): x for x in leaves if x is not None}.values())
         if run.feature_spec is None:
             spec = None
             if ctx.is_main:
-                leaves, tree = pytree.tree_flatten(self.features)
                 # Leaf -> index of a distinct tensor; None for the outputs not kept (DiT blocks).
                 first: dict[int, int] = {}
                 refs = [None if x is None else first.setdefault(id(x), len(first)) for x in leaves]
-                distinct = list({id(x): x for x in leaves if x is not None}.values())
                 spec = (tree, refs, [(tuple(x.shape), x.dtype) for x in distinct])
             run.feature_spec = ctx.broadcast_object(spec, src=0)
         tree, refs, layout = run.feature_spec
@@ -283,8 +290,6 @@ class Engine:
         if any(d != dtype for _, d in layout):
             raise RuntimeError("distfd: encoder features of mixed dtypes are not supported across ranks.")
         if ctx.is_main:
-            leaves, _ = pytree.tree_flatten(self.features)
-            distinct = list({id(x): x for x in leaves if x is not None}.values())
             flat = torch.cat([x.reshape(-1) for x in distinct])
             self._pending = ctx.broadcast(flat, src=0, async_op=True)
             self._pending_flat = flat  # keep alive until the broadcast completes
