@@ -9,14 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-}
+from .samplers import SCHEDULERS, set_scheduler
+
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -118,11 +112,7 @@ def _load(args, ctx):
         else (torch.float16 if ctx.device.type == "cuda" else torch.float32)
     )
     pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    sched_cls = getattr(diffusers, SCHEDULERS[args.scheduler])
-    extra = {"algorithm_type": "dpmsolver++"} if args.scheduler == "dpm++" else {}
-    if args.scheduler == "dpm":
-        extra = {"algorithm_type": "dpmsolver"}
-    pipe.scheduler = sched_cls.from_config(pipe.scheduler.config, **extra)
+    set_scheduler(pipe, args.scheduler)
     pipe.set_progress_bar_config(disable=not ctx.is_main)
     return pipe.to(ctx.device)
 

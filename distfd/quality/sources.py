@@ -8,21 +8,20 @@ from typing import Any
 
 import torch
 
+from .. import samplers
 from .evaluators import ClipFidEvaluator, SceneEvaluator
 
 logger = logging.getLogger("distfd")
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "dpm": "DPMSolverMultistepScheduler"}
+# The harness's names -> distfd.samplers names ("dpm" here is DPM-Solver++ multistep).
+SCHEDULERS = {"ddim": "ddim", "dpm": "dpm++"}
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
     """Swap in ``ddim`` or ``dpm`` (DPM-Solver++ multistep) built from the pipeline's own config."""
-    import diffusers
-
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)}.")
-    cls = getattr(diffusers, SCHEDULERS[name])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    samplers.set_scheduler(pipe, SCHEDULERS[name])
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
