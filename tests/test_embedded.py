@@ -45,7 +45,7 @@ def test_pipeline_loads_offline(pipe):
     assert pipe.safety_checker is None
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     assert pipe.scheduler.config.num_train_timesteps == 1000
-    assert pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_tokenizer_loads_like_stable_diffusion():
@@ -94,3 +94,30 @@ def test_judge_accuracy_on_fresh_scenes():
     assert acc["shape"] >= 0.95, acc
     assert acc["colour"] >= 0.95, acc
     assert judge.features(scenes.images[:8]).shape[0] == 8
+
+
+def test_training_script_is_seeded_and_records_losses(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from distfd.embedded import train_pipeline
+
+    def train(out, seed):
+        argv = ["--out", str(out), "--seed", str(seed), "--n-scenes", "64", "--vae-steps", "2"]
+        argv += ["--vae-batch-size", "4", "--steps", "3", "--batch-size", "4", "--checkpoint-every", "2"]
+        return train_pipeline.run(train_pipeline.parse_args(argv))
+
+    report = train(tmp_path / "a", 3)
+    train(tmp_path / "b", 3)
+    train(tmp_path / "c", 4)
+    weights = {
+        k: load_file(tmp_path / k / "unet" / "diffusion_pytorch_model.safetensors") for k in ("a", "b", "c")
+    }
+    assert all(torch.equal(weights["a"][n], weights["b"][n]) for n in weights["a"])
+    assert not all(torch.equal(weights["a"][n], weights["c"][n]) for n in weights["a"])
+    assert set(report["final_losses"]) == {"vae_reconstruction_mse", "vae_kl_per_dim", "denoiser_v_mse"}
+    assert all(np.isfinite(v) for v in report["final_losses"].values())
+    recorded = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert recorded["seed"] == 3 and recorded["denoiser_steps"] == 3
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "checkpoints" / "step-2")
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import default_model_path, load_judge
 from .judge import Judge, accuracy
-from .scenes import generate_scenes
+from .scenes import generate_scenes, to_float
 
 logger = logging.getLogger(__name__)
 DEFAULT_EVAL_SEED = 424242  # never used for training
@@ -96,6 +96,17 @@ def score(judge: Judge, images, labels: dict[str, torch.Tensor], reference=None)
     return metrics
 
 
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 200) -> torch.Tensor:
+    """uint8 scenes through the VAE (posterior mean) and back: the ceiling any sample can reach."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_float(images[i : i + batch_size]).to(vae.device, vae.dtype)
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        out.append(rec.add(1).mul(127.5).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
 def evaluate(
     path: str | Path | None = None,
     n: int = 200,
@@ -106,6 +117,9 @@ def evaluate(
     grid: Path | None = None,
 ) -> dict:
     """Full evaluation on ``n`` held-out single-shape captions drawn from ``seed``.
+
+    Besides the samples, the judge also scores the real scenes for those captions
+    and their VAE reconstructions (the ceiling the latent space allows).
 
     With ``grid``, the first 64 samples are also saved there as an 8x8 PNG.
     """
@@ -118,6 +132,7 @@ def evaluate(
     if grid is not None:
         save_grid(images[:64], grid)
     metrics["real_images"] = score(judge, real.images, real.labels)
+    metrics["vae_reconstructions"] = score(judge, reconstruct(pipe.vae, real.images), real.labels)
     return {
         "model": str(path or default_model_path()),
         "n": n,

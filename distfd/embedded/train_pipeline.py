@@ -2,9 +2,9 @@
 
 Two stages, both reproducible from ``--seed``:
 
-1. the ``AutoencoderKL`` (32x32x3 <-> 8x8x4) on rendered scenes;
+1. the ``AutoencoderKL`` (32x32x3 <-> 16x16x4) on rendered scenes;
 2. the CLIP text encoder and the cross-attention UNet jointly, on cached
-   latents (epsilon prediction, min-SNR weighting, caption dropout for
+   latents (v-prediction, capped-SNR loss weights, caption dropout for
    classifier-free guidance, EMA weights).
 
 The result is a standard diffusers ``StableDiffusionPipeline`` directory plus
@@ -99,8 +99,20 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
             pe.lerp_(pm, 1.0 - decay)
 
 
-def train_denoiser(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, tokenizer, args, gen):
-    """Stage 2: text encoder + UNet on scaled latents; returns (ema text encoder, ema unet, losses)."""
+def train_denoiser(
+    latents: torch.Tensor,
+    ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    tokenizer,
+    args,
+    gen,
+    on_checkpoint=None,
+):
+    """Stage 2: text encoder + UNet on scaled latents; returns (ema text encoder, ema unet, losses).
+
+    ``on_checkpoint(step, ema_text_encoder, ema_unet)`` is called every
+    ``args.checkpoint_every`` steps (if both are set).
+    """
     if args.init_from:  # continue training a previously saved pipeline
         text_encoder = CLIPTextModel.from_pretrained(str(args.init_from / "text_encoder"))
         unet = UNet2DConditionModel.from_pretrained(str(args.init_from / "unet"))
@@ -112,7 +124,15 @@ def train_denoiser(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Te
     scheduler = models.make_scheduler()
     alphas_cumprod = scheduler.alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    weights = torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    # The loss in image terms is weighted by min(snr + 1, gamma) (v) or min(snr, gamma) (epsilon):
+    # a capped weight for nearly clean steps (min-SNR-gamma), and for v the nearly pure-noise steps,
+    # where the prompt alone decides the image, keep full weight.
+    weights = (
+        torch.clamp(args.snr_gamma / (snr + 1), max=1.0)
+        if v_pred
+        else torch.clamp(snr, max=args.snr_gamma) / snr
+    )
     ema_te, ema_unet = copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -130,7 +150,8 @@ def train_denoiser(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Te
         xt = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(tok).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        target = scheduler.get_velocity(x0, noise, t) if v_pred else noise
+        per = (pred - target).pow(2).mean(dim=(1, 2, 3))
         loss = (per * weights[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,7 +163,10 @@ def train_denoiser(latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Te
         _ema_update(ema_te, text_encoder, decay)
         ema_loss = per.mean().item() if ema_loss is None else 0.98 * ema_loss + 0.02 * per.mean().item()
         bar.set_postfix(mse=f"{ema_loss:.4f}")
-    return ema_te, ema_unet, {"denoiser_epsilon_mse": ema_loss}
+        if on_checkpoint and args.checkpoint_every and (step + 1) % args.checkpoint_every == 0:
+            on_checkpoint(step + 1, ema_te, ema_unet)
+    key = "denoiser_v_mse" if v_pred else "denoiser_epsilon_mse"
+    return ema_te, ema_unet, {key: ema_loss}
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -154,6 +178,25 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def save_pipeline(out: Path, vae, text_encoder, unet, tokenizer, fp16: bool) -> None:
+    """Write a loadable ``StableDiffusionPipeline`` directory (copies, so training can go on)."""
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae),
+        text_encoder=copy.deepcopy(text_encoder),
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet),
+        scheduler=models.make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    if fp16:
+        pipe.to(torch.float16)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    save_tokenizer(tokenizer, out / "tokenizer")  # also classic vocab.json / merges.txt
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -181,26 +224,15 @@ def run(args: argparse.Namespace) -> dict:
     vae.register_to_config(scaling_factor=scaling_factor)
     ids = tokenize(tokenizer, data.captions)
     empty_ids = tokenize(tokenizer, [""])[0]
-    text_encoder, unet, den_losses = train_denoiser(
-        latents * scaling_factor, ids, empty_ids, tokenizer, args, gen
-    )
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=models.make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.fp16:
-        pipe.to(torch.float16)
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    save_tokenizer(tokenizer, out / "tokenizer")  # also classic vocab.json / merges.txt
+
+    def checkpoint(step: int, te: CLIPTextModel, un: UNet2DConditionModel) -> None:
+        save_pipeline(out / "checkpoints" / f"step-{step}", vae, te, un, tokenizer, fp16=False)
+
+    text_encoder, unet, den_losses = train_denoiser(
+        latents * scaling_factor, ids, empty_ids, tokenizer, args, gen, on_checkpoint=checkpoint
+    )
+    save_pipeline(out, vae, text_encoder, unet, tokenizer, fp16=args.fp16)
     report = {
         "seed": args.seed,
         "command": "python -m distfd.embedded.train_pipeline " + shlex.join(sys.argv[1:]),
@@ -230,14 +262,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-scenes", type=int, default=40000)
-    p.add_argument("--two-shape-prob", type=float, default=0.2)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--vae-batch-size", type=int, default=64)
+    p.add_argument("--n-scenes", type=int, default=30000)
+    p.add_argument("--two-shape-prob", type=float, default=0.15)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-batch-size", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--unet-width", type=int, default=32)
     p.add_argument("--layers-per-block", type=int, default=1)
@@ -253,6 +285,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue training a saved pipeline directory (with --vae-steps 0 its VAE is kept as is)",
     )
     p.add_argument("--fp16", action="store_true", help="store the weights in float16")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="also save the EMA pipeline to OUT/checkpoints/step-N every N denoiser steps (0: never)",
+    )
     return p.parse_args(argv)
 
 
