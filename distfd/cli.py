@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_key_steps,
         default=None,
         help="preset name (sd-ddim-50, sd-dpm-20, uniform-K, ...), preset .json, or '0,1,2,5'; "
-        "default: the paper's preset for the scheduler, rescaled to --steps",
+        "default: the paper's preset for the scheduler, rescaled to --steps (the embedded model: its "
+        "calibrated set where one ships for --scheduler and --steps)",
     )
     g.add_argument(
         "--mode",
@@ -71,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _default_key_steps(args) -> tuple[str, bool]:
+    """(key steps, rescale): the embedded model's calibrated set where it ships one for this scheduler
+    and step count, else the paper's preset for the scheduler, rescaled to ``--steps``."""
+    if args.model is None:
+        from .embedded import calibrated_key_steps
+
+        path = calibrated_key_steps(args.scheduler, args.steps)
+        if path:
+            return str(path), False
+    return ("sd-dpm-20" if args.scheduler.startswith("dpm") else "sd-ddim-50"), True
+
+
 def _config(args, parser):
     import distfd
 
@@ -78,8 +91,7 @@ def _config(args, parser):
         return None
     key_steps, rescale = args.key_steps, False
     if key_steps is None:
-        key_steps = "sd-dpm-20" if args.scheduler.startswith("dpm") else "sd-ddim-50"
-        rescale = True
+        key_steps, rescale = _default_key_steps(args)
     try:
         return distfd.FasterDiffusionConfig(
             key_steps=key_steps,
@@ -138,6 +150,15 @@ def _generate(pipe, args, ctx):
     return image, time.perf_counter() - start
 
 
+def _describe(key_steps) -> str:
+    """Key steps as printed: a preset file also shows its indices."""
+    if isinstance(key_steps, str) and key_steps.endswith(".json"):
+        from .schedule import load_preset_file
+
+        return f"{list(load_preset_file(key_steps).key_steps)} from {key_steps}"
+    return str(key_steps)
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
@@ -178,7 +199,7 @@ def generate(args, parser) -> int:
                 lines.append(f"vanilla          : {vanilla_s:8.3f} s/image")
             if config is not None:
                 lines.append(
-                    f"distfd {config.mode:<10}: {fast_s:8.3f} s/image   key steps: {config.key_steps}"
+                    f"distfd {config.mode:<10}: {fast_s:8.3f} s/image   key steps: {_describe(config.key_steps)}"
                 )
                 if vanilla_s is not None:
                     lines.append(

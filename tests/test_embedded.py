@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from distfd.cli import main
 from distfd.embedded import default_model_path, judge_path, load_judge
 from distfd.embedded.judge import accuracy
 from distfd.embedded.scenes import ATTRIBUTES, generate_scenes, sample_captions
+
+from .multirank import free_port
 
 TEST_SEED = 987_654  # not used by train_judge (seed 0) nor by train_pipeline (seed 0)
 
@@ -121,3 +129,54 @@ def test_training_script_is_seeded_and_records_losses(tmp_path):
     assert recorded["seed"] == 3 and recorded["denoiser_steps"] == 3
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "a" / "checkpoints" / "step-2")
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+
+
+def test_main_job_on_two_ranks_equals_one_process(tmp_path, capsys):
+    """README's main job (no --model: the embedded model) under torchrun with 2 gloo ranks, vs in process."""
+    job = ["generate", "--compare", "--steps", "20", "--seed", "3"]
+    assert main([*job, "--out", str(tmp_path / "one.png")]) == 0
+    assert "speed-up" in capsys.readouterr().out
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    run += ["--master-port", str(free_port()), "-m", "distfd", *job, "--out", str(tmp_path / "two.png")]
+    proc = subprocess.run(run + ["--timeout", "60"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and "vanilla" in proc.stdout and "speed-up" in proc.stdout
+    one = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+    two = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
+    assert one.shape == two.shape == (32, 32, 3)
+    assert np.abs(one - two).max() <= 1  # float sums in another order may round one level apart
+
+
+def test_shipped_key_steps_are_the_calibration_result(pipe):
+    """The calibrated set shipped for DDIM-50 is what its recorded calibration call gives."""
+    import distfd
+    from distfd.embedded import calibrated_key_steps
+    from distfd.schedule import load_preset_file
+
+    path = calibrated_key_steps("ddim", 50)
+    assert path is not None and calibrated_key_steps("ddim", 49) is None
+    shipped = load_preset_file(path)
+    recipe = json.loads(path.read_text())["calibration"]
+    prompts, _ = sample_captions(recipe["num_prompts"], recipe["prompt_seed"])
+    cal = distfd.calibrate(
+        pipe, 50, budget=recipe["budget"], prompts=prompts, seed=recipe["seed"], guidance_scale=recipe["guidance_scale"]
+    )
+    assert shipped.num_steps == 50 and cal.key_steps == shipped.key_steps
+
+
+def test_cli_defaults_to_the_calibrated_set_on_the_embedded_model():
+    from argparse import Namespace
+
+    from distfd.cli import _default_key_steps
+    from distfd.embedded import calibrated_key_steps
+
+    assert _default_key_steps(Namespace(model=None, scheduler="ddim", steps=50)) == (
+        str(calibrated_key_steps("ddim", 50)),
+        False,
+    )
+    # No calibrated set for this step count, or another model: the paper's preset, rescaled.
+    assert _default_key_steps(Namespace(model=None, scheduler="ddim", steps=20)) == ("sd-ddim-50", True)
+    assert _default_key_steps(Namespace(model="some/model", scheduler="ddim", steps=50)) == ("sd-ddim-50", True)
+    assert _default_key_steps(Namespace(model=None, scheduler="dpm", steps=20)) == ("sd-dpm-20", True)

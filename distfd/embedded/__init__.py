@@ -4,7 +4,7 @@
 directory (32x32 images of coloured shapes, prompts such as
 ``"a small red circle at the top left on a blue background"``) that loads
 offline; ``load_judge()`` returns the attribute classifier used to score
-samples from it.
+samples from it; ``calibrated_key_steps()`` the key-step sets calibrated for it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,16 @@ def default_model_path() -> Path:
     return WEIGHTS_DIR / "tiny-shapes"
 
 
+def calibrated_key_steps(scheduler: str, steps: int) -> Path | None:
+    """The shipped key-step preset calibrated for this model with ``scheduler`` and ``steps``, if any.
+
+    On this model the paper's sets lose prompt adherence (they end early in the loop); a set from
+    ``distfd.calibrate`` with the same budget keeps it (README, *Quality*). The CLI uses it by default.
+    """
+    path = default_model_path() / "key_steps" / f"{scheduler}-{steps}.json"
+    return path if path.is_file() else None
+
+
 def judge_path() -> Path:
     """Directory of the shipped judge weights."""
     return WEIGHTS_DIR / "judge"
@@ -35,4 +45,4 @@ def load_judge() -> Judge:
     return _load(judge_path())
 
 
-__all__ = ["default_model_path", "judge_path", "load_judge"]
+__all__ = ["calibrated_key_steps", "default_model_path", "judge_path", "load_judge"]
