@@ -123,7 +123,7 @@ def _load(args, ctx):
         if args.dtype
         else (torch.float16 if ctx.device.type == "cuda" else torch.float32)
     )
-    pipe = diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=dtype)
     set_scheduler(pipe, args.scheduler)
     pipe.set_progress_bar_config(disable=not ctx.is_main)
     return pipe.to(ctx.device)

@@ -42,7 +42,7 @@ def load_path_pipeline(path: str | Path, device: str = "cpu", dtype: torch.dtype
     p = Path(path)
     if not (p / "model_index.json").is_file():
         raise ValueError(f"{p} is not a diffusers pipeline directory (no model_index.json).")
-    pipe = DiffusionPipeline.from_pretrained(p, torch_dtype=dtype, local_files_only=True, safety_checker=None)
+    pipe = DiffusionPipeline.from_pretrained(p, dtype=dtype, local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
