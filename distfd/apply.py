@@ -7,9 +7,11 @@ from typing import Any
 
 from .adapters import find_adapter
 from .adapters.controlnet import side_hooks
+from .compiling import Denoiser, unwrap
 from .config import FasterDiffusionConfig
 from .engine import Engine
 from .hooks import DenoiserHook, EncoderModuleHook, ModuleHooks, SchedulerHooks
+from .passes import CompiledPasses
 from .runtime import DistContext
 from .schedule import check_spec
 
@@ -21,8 +23,8 @@ _ATTR = "_distfd_handle"
 class Handle:
     """What ``apply`` returns: statistics of the last run, and ``remove()``."""
 
-    def __init__(self, pipe: Any, engine: Engine, modules: ModuleHooks) -> None:
-        self.pipe, self.engine, self._modules = pipe, engine, modules
+    def __init__(self, pipe: Any, engine: Engine, modules: ModuleHooks, denoiser: Denoiser) -> None:
+        self.pipe, self.engine, self._modules, self.denoiser = pipe, engine, modules, denoiser
         self._scheduler_hooks = SchedulerHooks(pipe.scheduler, engine)
         engine.get_scheduler = self._scheduler
         self.removed = False
@@ -52,6 +54,7 @@ class Handle:
         if self.removed:
             return
         self._modules.remove()
+        self.denoiser.restore()
         self._scheduler_hooks.remove()
         self.pipe.__dict__.pop(_ATTR, None)
         self.engine._end_run()
@@ -83,15 +86,23 @@ def apply(
     check_spec(config.key_steps)
     adapter, model = find_adapter(pipe)
     adapter = adapter.configured(config)
+    denoiser = unwrap(getattr(pipe, adapter.denoiser_attr))
     if context is None:
         context = DistContext.from_process_group(device=model.device)
-    engine = Engine(model, adapter, config, context, get_scheduler=lambda: pipe.scheduler)
+    # A compiled denoiser: the pipeline's call stays eager (distfd's bookkeeping), the encoder and
+    # decoder passes are compiled separately with the user's options (passes.py).
+    passes = None
+    if denoiser.compiled:
+        passes = CompiledPasses(denoiser.context, clone_outputs=model.device.type == "cuda")
+    engine = Engine(model, adapter, config, context, get_scheduler=lambda: pipe.scheduler, passes=passes)
     modules = ModuleHooks()
     for index, enc in enumerate(engine.modules):
         modules.add(enc.module, EncoderModuleHook(engine, index))
-    modules.add(model, DenoiserHook(engine))
+    inner_forward = model.forward if denoiser.outer is not model else None
+    modules.add(denoiser.outer, DenoiserHook(engine, inner_forward))
     for module, hook in side_hooks(pipe, engine):
         modules.add(module, hook)
-    handle = Handle(pipe, engine, modules)
+    denoiser.suspend()
+    handle = Handle(pipe, engine, modules, denoiser)
     pipe.__dict__[_ATTR] = handle
     return handle

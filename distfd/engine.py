@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 from .adapters import Adapter
 from .config import FasterDiffusionConfig
 from .consistency import check_agreement, fingerprint
+from .passes import EagerPasses, EncoderDone
 from .runtime import DistContext
 from .schedule import chunk_after, resolve_key_steps, shard
 
@@ -32,10 +33,6 @@ logger = logging.getLogger("distfd")
 def _timestep_value(t) -> float:
     """The timestep of a denoiser call as a number (pipelines pass a scalar, a 0-d or a (B,) tensor)."""
     return float(torch.as_tensor(t).reshape(-1)[0])
-
-
-class _EncoderDone(Exception):
-    """Raised after the last encoder module of an encoder pass, to skip the decoder."""
 
 
 @dataclass
@@ -76,6 +73,7 @@ class Engine:
         config: FasterDiffusionConfig,
         ctx: DistContext,
         get_scheduler: Callable[[], Any],
+        passes: Any = None,
     ) -> None:
         self.model, self.adapter, self.config, self.ctx = model, adapter, config, ctx
         self.get_scheduler = get_scheduler
@@ -89,6 +87,7 @@ class Engine:
         self.runs = 0  # runs started, numbering them for side models' caches
         self.counters = Counters()
         self._pending = None  # async broadcast of features still in flight
+        self.passes = passes or EagerPasses()  # how the encoder and decoder passes run (passes.py)
 
     # Called by the encoder module hooks.
 
@@ -97,7 +96,7 @@ class Engine:
             out = original(*args, **kwargs)
             self.features[index] = out if self.modules[index].keep or index == len(self.modules) - 1 else None
             if index == len(self.modules) - 1:
-                raise _EncoderDone
+                raise EncoderDone
             return out
         if self.phase == "replay":
             cached = self.features[index] if self.modules[index].keep else self.features[-1]
@@ -256,13 +255,12 @@ class Engine:
             self.features = [None] * len(self.modules)
             self.phase = "record"
             try:
-                original(*bound.args, **bound.kwargs)
-            except _EncoderDone:
-                pass
-            else:
-                raise RuntimeError("distfd: the encoder pass never reached its last encoder module.")
+                reached = self.passes.encode(original, bound.args, bound.kwargs)
             finally:
                 self.phase = "idle"
+            if not reached:
+                raise RuntimeError("distfd: the encoder pass never reached its last encoder module.")
+            self.features = self.passes.keep(self.features)
             self.counters.encoder_passes += 1
         if placement == "rank0" and ctx.world_size > 1:
             self._share_features()
@@ -313,24 +311,27 @@ class Engine:
             # One step's rows in order (propagation, all-key steps): no copies, so the decoder sees
             # the very tensors (and memory layouts) a vanilla call would.
             same = len(mine) == rows_per_step and mine.start % rows_per_step == 0
+            # The tensors built for this batch (row dimension first): a compiled decoder pass marks
+            # their rows dynamic, so one graph serves every group size.
+            fresh: list[torch.Tensor] = [] if same else [src, t_rows]
+
+            def select(x: torch.Tensor) -> torch.Tensor:
+                if x.dim() == 0 or x.shape[0] != rows_per_step:
+                    return x
+                fresh.append(x.index_select(0, src.to(x.device)))
+                return fresh[-1]
+
             args = dict(bound.arguments)
             for name, value in args.items():
                 if not same and name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
-                    args[name] = pytree.tree_map_only(
-                        torch.Tensor,
-                        lambda x: (
-                            x.index_select(0, src.to(x.device))
-                            if x.dim() > 0 and x.shape[0] == rows_per_step
-                            else x
-                        ),
-                        value,
-                    )
-            args[self.adapter.sample_arg] = sample if same else sample.index_select(0, src)
+                    args[name] = pytree.tree_map_only(torch.Tensor, select, value)
+            args[self.adapter.sample_arg] = sample if same else select(sample)
             args[self.adapter.timestep_arg] = t_rows
             call = inspect.BoundArguments(bound.signature, args)
             self.phase, self.rows, self.batch_rows = "replay", None if same else src, rows_per_step
             try:
-                local = self.adapter.get_sample(original(*call.args, **call.kwargs))
+                out = self.passes.decode(original, call.args, call.kwargs, fresh)
+                local = self.passes.keep(self.adapter.get_sample(out))
             finally:
                 self.phase, self.rows = "idle", None
             self.counters.decoder_passes += 1

@@ -29,14 +29,18 @@ class EncoderModuleHook(ModelHook):
 
 
 class DenoiserHook(ModelHook):
-    """Routes each denoiser call of the sampling loop through the engine."""
+    """Routes each denoiser call of the sampling loop through the engine.
 
-    def __init__(self, engine: Engine) -> None:
+    ``forward``: what the engine's passes call, when not the hooked module's own forward (a
+    ``torch.compile``-d denoiser is hooked outside, its passes run the model's forward inside).
+    """
+
+    def __init__(self, engine: Engine, forward=None) -> None:
         super().__init__()
-        self.engine = engine
+        self.engine, self.forward = engine, forward
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        return self.engine.denoiser_forward(self.fn_ref.original_forward, args, kwargs)
+        return self.engine.denoiser_forward(self.forward or self.fn_ref.original_forward, args, kwargs)
 
 
 class ModuleHooks:

@@ -59,6 +59,7 @@ def find_adapter(pipe) -> tuple[Adapter, object]:
         model = getattr(pipe, adapter.denoiser_attr, None)
         if model is None:
             continue
+        model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps it in an OptimizedModule
         match = REGISTRY.get(type(model)) or next(
             (a for cls, a in REGISTRY.items() if isinstance(model, cls)), None
         )
