@@ -1,10 +1,15 @@
-"""Latency benchmark: vanilla diffusers vs distfd (propagate, parallel) vs DeepCache.
+"""Latency benchmark: vanilla diffusers vs distfd (propagate, parallel) vs DeepCache, eager or compiled.
 
 One process, one pipeline, same prompt and seed for every method. Also measures the pieces of
 the parallel-decoding critical path and projects it to W devices (``benchmarks/projection.py``).
 
     python benchmarks/latency.py --arch sd15 --size reduced --scheduler ddim
     torchrun --nproc-per-node 2 benchmarks/latency.py --arch sd15 --size full   # distributed
+    python benchmarks/latency.py --arch sd15 --size full --methods vanilla,distfd-parallel,\
+        vanilla-compiled,distfd-parallel-compiled,vanilla-compiled-cg,distfd-parallel-compiled-cg
+
+Compiled methods report their compile time (first call) and warm-up calls apart from the timed calls,
+and the dynamo graphs (and CUDA graphs) each compiled; a timed call that compiles is flagged.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks import methods as M
-from benchmarks.measure import ModuleTimer, flop_counter, summarize_calls, timed_call
+from benchmarks.measure import ModuleTimer, flop_counter, summarize_calls, sync, timed_call
 from benchmarks.models import ARCHS, RESOLUTION, SCHEDULERS, SIZES, build
 from benchmarks.pieces import measure_pieces
 from benchmarks.projection import key_step_groups, projection_table
@@ -44,7 +50,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--key-steps", help="preset name (sd-ddim-50, sd-dpm-20, uniform-K) or comma list of indices"
     )
     p.add_argument("--noise-alpha", type=float, default=0.003)
-    p.add_argument("--methods", default=",".join(M.METHODS), help=f"comma list from {M.METHODS}")
+    p.add_argument("--methods", default=",".join(M.METHODS), help=f"comma list from {M.ALL_METHODS}")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of compiled methods")
+    p.add_argument(
+        "--compile-dynamic",
+        choices=["none", "true", "false"],
+        default="none",
+        help="torch.compile(dynamic=...) of compiled methods (none: torch's default)",
+    )
+    p.add_argument(
+        "--compile-warmup",
+        type=int,
+        default=2,
+        help="untimed calls of a compiled method after its first (compiling) call; CUDA graphs record "
+        "on the second call of a shape",
+    )
     p.add_argument("--deepcache-interval", type=int, default=3)
     p.add_argument("--deepcache-branch", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1)
@@ -110,24 +130,90 @@ def method_note(r: dict[str, Any], world: int) -> str:
             )
     if "cache_interval" in info:
         parts.append(f"interval {info['cache_interval']}, branch {info['cache_branch_id']}")
+    if "compile_s" in r:
+        warm = "/".join(f"{x:.2f}" for x in r["warmup_s"])
+        parts.append(f"compile {r['compile_s']:.1f} s, warm-up {warm} s, graphs {r['warmup_graphs']}")
+        if any(c is not None for c in r["warmup_cuda_graphs"]):
+            parts.append(f"CUDA graphs {r['warmup_cuda_graphs']}")
+        if r.get("graphs_compiled_in_timed_calls"):
+            parts.append(f"**{r['graphs_compiled_in_timed_calls']} graphs compiled in timed calls**")
     if world > 1 and r.get("flops"):
         parts.append("FLOPs: rank 0 only")
     return "; ".join(parts)
 
 
+def _cuda_allocated(device: torch.device) -> int:
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else 0
+
+
+def _param_bytes(*modules: Any) -> int:
+    seen: dict[int, int] = {}
+    for m in modules:
+        if isinstance(m, torch.nn.Module):
+            for t in [*m.parameters(), *m.buffers()]:
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _compile_counts(device: torch.device) -> tuple[int, int | None]:
+    from distfd.compiling import cuda_graphs_recorded, graphs_compiled
+
+    return graphs_compiled(), cuda_graphs_recorded(device) if device.type == "cuda" else None
+
+
+def _warm_compiled(rec: dict[str, Any], run, args, device: torch.device) -> None:
+    """First call (compiles) and warm-up calls of a compiled method, each timed and counted."""
+    seconds, graphs, cuda_graphs = [], [], []
+    for _ in range(1 + max(0, args.compile_warmup)):
+        g0, c0 = _compile_counts(device)
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+        g1, c1 = _compile_counts(device)
+        graphs.append(g1 - g0)
+        cuda_graphs.append(None if c0 is None else c1 - c0)
+    rec["compile_s"], rec["warmup_s"] = seconds[0], seconds[1:]
+    rec["warmup_graphs"], rec["warmup_cuda_graphs"] = graphs, cuda_graphs
+    log.info(
+        "%s: first call %.1f s, then %s s; graphs %s, CUDA graphs %s",
+        rec["name"],
+        seconds[0],
+        [round(x, 3) for x in seconds[1:]],
+        graphs,
+        cuda_graphs,
+    )
+
+
 def prepare_method(name: str, bench, args, opts: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Install once: FLOP-counting run (doubles as the first warm-up), further warm-ups, remove."""
+    """Install once: FLOP-counting run (doubles as the first warm-up), further warm-ups, remove.
+
+    A compiled method instead stays installed on its own pipeline variant; its first call and
+    warm-up calls are timed apart (compile and warm-up time), and it is not FLOP-counted (same
+    FLOPs as its eager counterpart).
+    """
     rec: dict[str, Any] = {"name": name, "_calls": [], "_sampler": GpuSampler(index=device.index or 0)}
+    before = _cuda_allocated(device)
     try:
         inst = M.setup(name, bench, opts)
     except M.Skip as e:
         log.warning("skipping %s: %s", name, e)
         return {"name": name, "status": "skipped", "reason": str(e)}
-    run = lambda: bench.run(args.prompt, args.steps, args.seed)  # noqa: E731
+    b = inst.bench or bench
+    rec["weights_bytes"] = _param_bytes(b.denoiser, b.pipe.vae, *b.encoders)
+    run = lambda: b.run(args.prompt, args.steps, args.seed)  # noqa: E731
     try:
+        if name in M.COMPILED:
+            _warm_compiled(rec, run, args, device)
+            copied = _param_bytes(b.denoiser) if inst.info.get("own_denoiser_copy") else 0
+            rec["resident_bytes"] = max(0, _cuda_allocated(device) - before - copied)
+            rec["info"], rec["status"], rec["_inst"] = inst.info, "ok", inst
+            return rec
+        rec["resident_bytes"] = 0
         warmup = args.warmup
         if not args.no_flops:
-            rec["flops"], rec["denoiser_flops"] = _flops_run(bench, run)
+            rec["flops"], rec["denoiser_flops"] = _flops_run(b, run)
             log.info(
                 "%s: %.2f GFLOPs/image (UNet %.2f)",
                 name,
@@ -140,21 +226,40 @@ def prepare_method(name: str, bench, args, opts: dict[str, Any], device: torch.d
             run()
         rec["info"], rec["status"] = inst.info, "ok"
     finally:
-        inst.remove()
+        if not inst.persistent:
+            inst.remove()
     return rec
 
 
 def timed_rep(rec: dict[str, Any], bench, args, opts: dict[str, Any], device: torch.device) -> None:
-    """Install the method, time one pipeline call, remove it; appends to ``rec['_calls']``."""
-    inst = M.setup(rec["name"], bench, opts)
-    timer = ModuleTimer(bench.denoiser, device)
+    """Install the method, time one pipeline call, remove it; appends to ``rec['_calls']``.
+
+    A persistent (compiled) method is already installed; the call also counts any dynamo graphs
+    (and CUDA graphs) it compiled, which should be none.
+    """
+    inst = rec.get("_inst") or M.setup(rec["name"], bench, opts)
+    b = inst.bench or bench
+    timer = ModuleTimer(b.denoiser, device)
+    g0, c0 = _compile_counts(device) if rec["name"] in M.COMPILED else (0, None)
+    s0 = inst.stats() if inst.persistent else {}
     try:
         with rec["_sampler"]:
-            call = timed_call(lambda: bench.run(args.prompt, args.steps, args.seed), timer, device)
-        call["stats"] = inst.stats()
+            call = timed_call(lambda: b.run(args.prompt, args.steps, args.seed), timer, device)
+        # distfd's pass counters are cumulative since apply(): this call's share
+        call["stats"] = {k: v - s0[k] if k in CUMULATIVE and k in s0 else v for k, v in inst.stats().items()}
     finally:
         timer.remove()
-        inst.remove()
+        if not inst.persistent:
+            inst.remove()
+    if rec["name"] in M.COMPILED:
+        g1, c1 = _compile_counts(device)
+        call["graphs_compiled"], call["cuda_graphs_recorded"] = g1 - g0, None if c0 is None else c1 - c0
+    if device.type == "cuda" and call["peak_memory_bytes"] is not None:
+        # The method's own weights and resident memory (CUDA-graph pools) plus what the call added:
+        # what a process holding only this pipeline would peak at (several variants share the GPU).
+        extra = call["peak_memory_bytes"] - call["memory_before_bytes"]
+        call["peak_memory_bytes"] = rec["weights_bytes"] + rec["resident_bytes"] + extra
+        call["peak_memory_kind"] = "cuda: method's weights + resident memory + peak allocated in the call"
     rec["_calls"].append(call)
     log.info(
         "%s rep %d: %.3f s/img wall (UNet %.3f), %.3f s CPU",
@@ -169,8 +274,15 @@ def timed_rep(rec: dict[str, Any], bench, args, opts: dict[str, Any], device: to
 def finish_method(rec: dict[str, Any]) -> None:
     """Summaries from the timed calls; the last call's image and distfd counters are kept."""
     calls, sampler = rec.pop("_calls", []), rec.pop("_sampler", None)
+    inst = rec.pop("_inst", None)
+    if inst is not None:
+        inst.remove()
     if rec["status"] != "ok":
         return
+    if rec["name"] in M.COMPILED:
+        rec["graphs_compiled_in_timed_calls"] = sum(c["graphs_compiled"] for c in calls)
+        cg = [c["cuda_graphs_recorded"] for c in calls if c["cuda_graphs_recorded"] is not None]
+        rec["cuda_graphs_recorded_in_timed_calls"] = sum(cg) if cg else None
     rec.update(summarize_calls(calls))
     rec["gpu_sampling"] = sampler.summary()
     rec["image"] = calls[-1]["output"].images[0]
@@ -229,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = build(args.arch, args.size, args.scheduler, device, dtype, res, seed=args.seed)
 
     opts = {
+        "compile_backend": args.compile_backend,
+        "compile_dynamic": {"none": None, "true": True, "false": False}[args.compile_dynamic],
         "key_steps": ks_arg,
         "noise_alpha": args.noise_alpha,
         "context": ctx,
@@ -266,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
             "key_steps_resolved": key_steps,
             "dtype": str(dtype).removeprefix("torch."),
             "warmup": args.warmup,
+            "compile_backend": args.compile_backend,
+            "compile_dynamic": args.compile_dynamic,
+            "compile_warmup": args.compile_warmup,
             "reps": args.reps,
             "seed": args.seed,
             "prompt": args.prompt,

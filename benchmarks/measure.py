@@ -159,6 +159,7 @@ def timed_call(run: Callable[[], Any], timer: ModuleTimer, device: torch.device)
     """
     mem = PeakMemory(device)
     mem.reset()
+    before = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
     timer.reset()
     sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -172,6 +173,7 @@ def timed_call(run: Callable[[], Any], timer: ModuleTimer, device: torch.device)
         "calls": timer.calls,
         "peak_memory_bytes": mem.read(),
         "peak_memory_kind": mem.kind,
+        "memory_before_bytes": before,
         "output": out,
     }
 

@@ -1,11 +1,17 @@
-"""The methods under comparison: vanilla diffusers, distfd (propagate / parallel), DeepCache.
+"""The methods under comparison: vanilla diffusers, distfd (propagate / parallel), DeepCache, and
+the compiled ones (``torch.compile`` of the denoiser, with and without CUDA graphs).
 
 Each method is installed on the pipeline with ``setup`` and removed with the returned
-``Installed.remove``; a method that cannot run raises ``Skip`` with the reason recorded.
+``Installed.remove``; a method that cannot run raises ``Skip`` with the reason recorded. A compiled
+method is installed once, on its own copy of the denoiser (``Installed.bench``), and stays installed
+for the whole benchmark: re-installing hooks on a compiled model would invalidate dynamo's guards
+and recompile, which is not what a user who keeps a compiled pipeline pays per image.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -20,6 +26,14 @@ from .models import Bench, build
 log = logging.getLogger(__name__)
 
 METHODS = ("vanilla", "distfd-propagate", "distfd-parallel", "deepcache")
+# name -> (distfd mode or None for vanilla, torch.compile mode); "-cg": CUDA graphs ("reduce-overhead").
+COMPILED = {
+    "vanilla-compiled": (None, None),
+    "distfd-parallel-compiled": ("parallel", None),
+    "vanilla-compiled-cg": (None, "reduce-overhead"),
+    "distfd-parallel-compiled-cg": ("parallel", "reduce-overhead"),
+}
+ALL_METHODS = METHODS + tuple(COMPILED)
 
 
 class Skip(Exception):
@@ -31,6 +45,45 @@ class Installed:
     remove: Callable[[], None] = lambda: None
     stats: Callable[[], dict[str, Any]] = dict
     info: dict[str, Any] = field(default_factory=dict)
+    bench: Bench | None = None  # the pipeline variant to call, when not the shared one
+    persistent: bool = False  # installed once for the whole benchmark
+
+
+def variant(bench: Bench) -> Bench:
+    """The same pipeline with its own copy of the denoiser and of the scheduler (other parts shared)."""
+    pipe = bench.pipe
+    attr = "transformer" if bench.arch == "dit" else "unet"
+    components = dict(pipe.components)
+    components[attr] = copy.deepcopy(components[attr])
+    components["scheduler"] = copy.deepcopy(pipe.scheduler)
+    new = type(pipe)(**components)
+    new.set_progress_bar_config(disable=True)
+    return dataclasses.replace(bench, pipe=new)
+
+
+def setup_compiled(name: str, bench: Bench, opts: dict[str, Any]) -> Installed:
+    """torch.compile a copy of the denoiser (the user's way), then apply distfd for distfd methods."""
+    distfd_mode, mode = COMPILED[name]
+    backend = opts.get("compile_backend", "inductor")
+    if mode == "reduce-overhead" and (bench.pipe.device.type != "cuda" or backend != "inductor"):
+        raise Skip("CUDA graphs (mode='reduce-overhead') need inductor on a CUDA device")
+    if distfd_mode is not None:
+        reason = _distfd_supports(bench)
+        if reason:
+            raise Skip(reason)
+    var = variant(bench)
+    attr = "transformer" if bench.arch == "dit" else "unet"
+    options: dict[str, Any] = {"backend": backend, "dynamic": opts.get("compile_dynamic")}
+    if backend == "inductor" and mode is not None:
+        options["mode"] = mode
+    setattr(var.pipe, attr, torch.compile(getattr(var.pipe, attr), **options))
+    info = {"compile": {k: v for k, v in options.items()}, "own_denoiser_copy": True}
+    if distfd_mode is None:
+        return Installed(info=info, bench=var, persistent=True)
+    inst = setup_distfd(var, distfd_mode, opts["key_steps"], opts["noise_alpha"], opts.get("context"))
+    return Installed(
+        remove=inst.remove, stats=inst.stats, info={**inst.info, **info}, bench=var, persistent=True
+    )
 
 
 def _distfd_supports(bench: Bench) -> str | None:
@@ -41,7 +94,7 @@ def _distfd_supports(bench: Bench) -> str | None:
         return f"distfd not importable: {e}"
     if not hasattr(distfd, "apply"):
         return "distfd.apply not available in this distfd version (core library not landed)"
-    name = type(bench.denoiser).__name__
+    name = type(getattr(bench.denoiser, "_orig_mod", bench.denoiser)).__name__  # through torch.compile
     supported = distfd.supported() if hasattr(distfd, "supported") else {}
     if name not in supported:
         return f"distfd {getattr(distfd, '__version__', '?')} does not support {name} (supported: {sorted(supported)})"
@@ -149,7 +202,9 @@ def setup(name: str, bench: Bench, opts: dict[str, Any]) -> Installed:
         )
     if name == "deepcache":
         return setup_deepcache(bench, opts["scheduler"], opts["deepcache_interval"], opts["deepcache_branch"])
-    raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+    if name in COMPILED:
+        return setup_compiled(name, bench, opts)
+    raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}")
 
 
 def image_diff(a: Any, b: Any) -> float:

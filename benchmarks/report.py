@@ -58,13 +58,16 @@ def _on_cpu(res: dict[str, Any]) -> bool:
 
 def _cpu_cols(res: dict[str, Any], m: dict[str, Any]) -> str:
     if not _on_cpu(res):
-        return ""
+        util = (m.get("gpu_sampling") or {}).get("util_pct_mean")
+        return f"{'n/a' if util is None else f'{util:.0f}'} | "
     return f"{_fmt_s(m.get('denoiser_cpu_s'))} | {_x(m.get('speedup_denoiser_cpu'))} | "
 
 
 def markdown(res: dict[str, Any]) -> str:
     cfg, host = res["config"], res["host"]
-    cpu_head = " UNet CPU-s/img median [min–max] | speed-up UNet CPU-s |" if _on_cpu(res) else ""
+    cpu_head = (
+        " UNet CPU-s/img median [min–max] | speed-up UNet CPU-s |" if _on_cpu(res) else " GPU util % (mean) |"
+    )
     dev = (
         host.get("cuda", {}).get("device_name")
         or f"CPU: {host['cpu']['model']} ({host['cpu']['logical_cores']} cores)"
@@ -83,12 +86,12 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "| method | pipeline s/img median [min–max] | UNet s/img median [min–max] | speed-up pipeline "
         f"| speed-up UNet |{cpu_head} UNet calls/img | GFLOPs/img | peak mem GiB | note |",
-        "|---|---|---|---|---|" + ("---|---|" if _on_cpu(res) else "") + "---|---|---|---|",
+        "|---|---|---|---|---|" + ("---|---|" if _on_cpu(res) else "---|") + "---|---|---|---|",
     ]
     for m in res["methods"]:
         if m["status"] != "ok":
             lines.append(
-                f"| {m['name']} | skipped |" + " |" * (8 if _on_cpu(res) else 6) + f" {m['reason']} |"
+                f"| {m['name']} | skipped |" + " |" * (8 if _on_cpu(res) else 7) + f" {m['reason']} |"
             )
             continue
         gf = "n/a" if m.get("flops") is None else f"{m['flops'] / 1e9:,.{0 if m['flops'] >= 1e11 else 2}f}"
