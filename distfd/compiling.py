@@ -206,11 +206,23 @@ def warm_up(pipe: Any, *args: Any, calls: int = 2, **kwargs: Any) -> WarmUp:
     return report
 
 
-# Command line: ``distfd generate --compile [--compile-mode MODE]``.
+# Command line: ``distfd generate --compile [--compile-mode MODE] [--backend gloo|nccl]``.
 
 
 def add_arguments(parser: Any) -> None:
-    """The compile flags of ``distfd generate`` (vanilla and distfd runs alike)."""
+    """The compile and process-group flags of ``distfd generate`` (vanilla and distfd runs alike).
+
+    The caller compiles with :func:`compile_denoiser` after loading and, with ``--compile``, warms the
+    planned call up with :func:`warm_up` before timing it; ``args.backend`` goes to
+    ``DistContext.from_env(backend=...)``.
+    """
+    parser.add_argument(
+        "--backend",
+        choices=["nccl", "gloo"],
+        default=None,
+        help="process-group backend (default: nccl on GPUs, gloo on CPU); gloo lets several ranks "
+        "share one GPU (NCCL refuses), for correctness checks",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",

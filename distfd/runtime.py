@@ -141,6 +141,8 @@ class DistContext:
         dev = _local_device() if device in (None, "cuda") else torch.device(device)
         if backend is None:
             backend = "nccl" if dev.type == "cuda" else "gloo"
+        if backend == "nccl" and dev.type != "cuda":
+            raise ValueError(f"backend 'nccl' needs CUDA devices but this rank runs on {dev}; use gloo.")
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(
@@ -148,7 +150,8 @@ class DistContext:
             rank=rank,
             world_size=world,
             timeout=timedelta(seconds=timeout_s),
-            device_id=dev if dev.type == "cuda" else None,
+            # NCCL binds its communicator to this GPU; gloo (e.g. several ranks on one GPU) takes none.
+            device_id=dev if dev.type == "cuda" and backend == "nccl" else None,
         )
         logger.info("joined %d ranks over %s (timeout %.0fs)", world, backend, timeout_s)
         return cls(rank, world, dev, None, timeout_s, owns_group=True)
