@@ -23,7 +23,6 @@ so every output the engine keeps is cloned out of it.
 from __future__ import annotations
 
 import types
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,10 +76,6 @@ class EagerPasses:
         return tree
 
 
-# User's dynamo context -> distfd's compiled pass functions made with it (see CompiledPasses).
-_COMPILED: weakref.WeakKeyDictionary[Any, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
-
-
 class CompiledPasses:
     """Both passes compiled with a dynamo context taken from the user's compiled denoiser.
 
@@ -89,8 +84,8 @@ class CompiledPasses:
     batch sizes the key steps make. ``dynamic=True``: one decoder function for every batch size,
     its row dimension marked dynamic (dynamo may still specialise a size, e.g. a single row).
 
-    The compiled functions are kept with the user's context (a weak-keyed cache), so applying
-    distfd again to the same compiled denoiser, after ``remove()``, compiles nothing new.
+    The functions belong to one ``apply``: applying distfd again after ``remove()`` compiles again,
+    since dynamo's guards check the hooks, which are new objects then.
 
     Args:
         context: the ``torch._dynamo`` optimize context of the user's ``torch.compile`` call.
@@ -103,7 +98,7 @@ class CompiledPasses:
         self.context = context
         self.dynamic = getattr(context, "_dynamic", None) is True
         self.clone_outputs = clone_outputs
-        self._functions: dict[tuple, Callable] = _COMPILED.setdefault(context, {})
+        self._functions: dict[tuple, Callable] = {}
 
     def _function(self, key: tuple, fn: Callable) -> Callable:
         if key not in self._functions:
