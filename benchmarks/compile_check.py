@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device(args.device)
     from distfd.embedded import calibrated_key_steps
-    from distfd.schedule import load_preset_file
+    from distfd.keysteps import resolve_key_steps
 
     key_file = calibrated_key_steps("ddim", args.steps)
-    keys = list(load_preset_file(key_file).key_steps) if key_file else "uniform-5"
+    keys = list(resolve_key_steps(str(key_file), args.steps)) if key_file else "uniform-5"
     config = distfd.FasterDiffusionConfig(key_steps=keys, mode="parallel")
     pipe = load(device)
     unet = pipe.unet

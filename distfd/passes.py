@@ -25,7 +25,7 @@ from __future__ import annotations
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils import _pytree as pytree
@@ -59,6 +59,20 @@ def _fresh(fn: Callable) -> Callable:
     """A copy of ``fn`` with its own code object: dynamo keeps its cache per code object."""
     code = fn.__code__.replace(co_name=fn.__code__.co_name)
     return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+class Passes(Protocol):
+    """How the engine runs its passes (see :class:`EagerPasses`, :class:`CompiledPasses`)."""
+
+    compiled: bool
+
+    def encode(self, forward: Callable, args: tuple, kwargs: dict) -> bool: ...
+
+    def decode(
+        self, forward: Callable, args: tuple, kwargs: dict, fresh: Sequence[torch.Tensor] = ()
+    ) -> Any: ...
+
+    def keep(self, tree: Any) -> Any: ...
 
 
 class EagerPasses:

@@ -14,12 +14,13 @@ from torch._dynamo.utils import counters
 import distfd
 from distfd.compiling import graph_breaks, graphs_compiled, unwrap, warm_up
 from distfd.passes import planned_graphs
-from distfd.schedule import resolve_key_steps
+from distfd.keysteps import resolve_key_steps
 
 from . import tiny
 from .tiny_models import dit, run_dit
 
 STEPS, KEYS = 10, [0, 1, 3, 6]  # groups of 1, 2, 3 and 4 steps
+FEW = [0, 4, 8]  # groups of 4, 4 and 2 steps: decoder batches of 8 and 4 rows
 CFG_ROWS = 2
 
 
@@ -50,20 +51,17 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("style", ["module", "inplace"])
 def test_compiled_unet_gives_the_eager_image_with_the_planned_graphs(style):
     pipe = tiny.sd()
-    eager, _ = _distfd(pipe, tiny.run)
+    eager, _ = _distfd(pipe, tiny.run, key_steps=FEW)
     vanilla = tiny.run(pipe)
     outer = pipe.unet
     _compile(pipe, style, backend="eager")
     compiled_outer = pipe.unet
-    handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=KEYS, mode="parallel"))
+    handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=FEW, mode="parallel"))
     assert handle.engine.passes.compiled
     report = warm_up(pipe, calls=1, prompt="a red circle", num_inference_steps=STEPS, height=32, width=32)
-    plan = planned_graphs(KEYS, STEPS, CFG_ROWS)
-    # One encoder graph, one per decoder batch shape: the one-step group (the pipeline's own two
-    # rows) and the groups of 2, 3 and 4 steps (4, 6 and 8 rows).
-    assert plan.decoder_shapes == (("direct", 2), ("gather", 4), ("gather", 6), ("gather", 8))
-    assert plan.graphs == 5
-    assert report.graphs == [plan.graphs]
+    plan = planned_graphs(FEW, STEPS, CFG_ROWS)
+    assert plan.decoder_shapes == (("gather", 4), ("gather", 8))
+    assert report.graphs == [plan.graphs] == [3]  # the encoder, and one graph per decoder batch size
     got = tiny.run(pipe)
     assert graphs_compiled() == plan.graphs, "a second identical call compiled again"
     assert graph_breaks() == {}, f"graph breaks: {graph_breaks()}"
@@ -76,6 +74,19 @@ def test_compiled_unet_gives_the_eager_image_with_the_planned_graphs(style):
     before = graphs_compiled()
     torch.testing.assert_close(tiny.run(pipe), vanilla, rtol=0, atol=1e-6)
     assert graphs_compiled() == before + 1  # the whole-model graph, compiled only now
+
+
+def test_one_graph_per_decoder_batch_shape():
+    pipe = tiny.sd()
+    eager, _ = _distfd(pipe, tiny.run)
+    _compile(pipe, "module", backend="eager")
+    got, _ = _distfd(pipe, tiny.run)
+    plan = planned_graphs(KEYS, STEPS, CFG_ROWS)
+    # The one-step group (the pipeline's own two rows), then groups of 2, 3 and 4 steps.
+    assert plan.decoder_shapes == (("direct", 2), ("gather", 4), ("gather", 6), ("gather", 8))
+    assert graphs_compiled() == plan.graphs == 5
+    assert not counters["recompiles"]
+    tiny.assert_close(got, eager)
 
 
 def test_dynamic_shapes_compile_one_decoder_graph_for_all_group_sizes():
