@@ -13,8 +13,8 @@ from torch._dynamo.utils import counters
 
 import distfd
 from distfd.compiling import graph_breaks, graphs_compiled, unwrap, warm_up
-from distfd.passes import planned_graphs
 from distfd.keysteps import resolve_key_steps
+from distfd.passes import planned_graphs
 
 from . import tiny
 from .tiny_models import dit, run_dit
