@@ -118,3 +118,33 @@ def test_unsupported_arch_is_skipped_not_crashed():
         assert "DiT" in str(e)
     else:
         inst.remove()
+
+
+def test_compiled_methods_report_compile_time_apart(tmp_path: Path):
+    """Compiled methods (backend 'eager' on CPU): first call and warm-up apart from the timed calls,
+    nothing compiled in a timed call, the compiled image equal to its eager counterpart's."""
+    res = run_cli(
+        tmp_path,
+        "--arch",
+        "sd15",
+        "--methods",
+        "vanilla,distfd-parallel,distfd-parallel-compiled,vanilla-compiled-cg",
+        "--compile-backend",
+        "eager",
+        "--compile-warmup",
+        "1",
+        "--no-projection",
+        "--no-flops",
+    )
+    methods = {m["name"]: m for m in res["methods"]}
+    cg = methods["vanilla-compiled-cg"]
+    assert cg["status"] == "skipped" and "CUDA" in cg["reason"]
+    comp = methods["distfd-parallel-compiled"]
+    assert comp["status"] == "ok", comp.get("reason")
+    assert comp["compile_s"] > 0 and len(comp["warmup_s"]) == 1
+    assert comp["warmup_graphs"] == [2, 0]  # key steps [0, 3] of 6: the encoder and one 6-row decoder batch
+    assert comp["graphs_compiled_in_timed_calls"] == 0
+    assert comp["image_mean_abs_diff_vs_eager"] == 0.0
+    assert comp["method_stats"]["encoder_passes"] == 2 and comp["method_stats"]["decoder_passes"] == 2
+    check_summary(comp["pipeline_s"])
+    assert "compile" in comp["note"]

@@ -174,3 +174,16 @@ def test_unwrap_reads_the_users_options():
     assert not unwrap(torch.nn.Linear(2, 2)).compiled
     with pytest.raises(ValueError, match="compiled twice"):
         unwrap(torch.compile(model, backend="eager"))
+
+
+def test_nccl_backend_on_cpu_is_refused_before_joining(monkeypatch):
+    """``--backend``: gloo works anywhere (several ranks may share one GPU); nccl needs CUDA devices."""
+    for var, value in {
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match="nccl.*needs CUDA"):
+        distfd.DistContext.from_env(backend="nccl", device="cpu")
