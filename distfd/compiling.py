@@ -81,17 +81,6 @@ class Denoiser:
     def compiled(self) -> bool:
         return self.context is not None
 
-    def uses_cuda_graphs(self) -> bool:
-        """Whether the user's options capture CUDA graphs (inductor with ``mode="reduce-overhead"``)."""
-        if self.context is None:
-            return False
-        from torch._dynamo.eval_frame import innermost_backend
-
-        options = getattr(innermost_backend(self.context.callback), "config", None) or {}
-        if "triton.cudagraphs" in options:
-            return bool(options["triton.cudagraphs"])
-        return bool(torch._inductor.config.triton.cudagraphs)
-
     def suspend(self) -> None:
         """Keep the pipeline's call of the denoiser eager while distfd is applied."""
         if self.style == "inplace":

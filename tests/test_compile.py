@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 import distfd
 from distfd.compiling import graph_breaks, graphs_compiled, unwrap, warm_up
 from distfd.keysteps import resolve_key_steps
-from distfd.passes import planned_graphs
+from distfd.passes import CompiledPasses, planned_graphs
 
 from . import tiny
 from .tiny_models import dit, run_dit
@@ -158,6 +158,15 @@ def test_planned_graphs_for_fifty_steps():
     assert two.graphs == 5
     # Dynamic rows: direct, gather, and dynamo's own graph for a single row.
     assert planned_graphs(paper, 50, CFG_ROWS, world_size=2, rank=1, encodes=False, dynamic=True).graphs == 3
+
+
+def test_kept_outputs_leave_the_cuda_graph_pool():
+    """On CUDA the engine keeps copies of what a pass returns (the next CUDA-graph replay reuses it)."""
+    feats = [torch.ones(2, 3), (torch.zeros(2), None)]
+    kept = CompiledPasses(torch._dynamo.optimize("eager"), clone_outputs=True).keep(feats)
+    assert kept[0] is not feats[0] and kept[1][0] is not feats[1][0] and kept[1][1] is None
+    torch.testing.assert_close(kept, feats)
+    assert CompiledPasses(torch._dynamo.optimize("eager"), clone_outputs=False).keep(feats) is feats
 
 
 def test_unwrap_reads_the_users_options():
