@@ -26,12 +26,15 @@ from .models import Bench, build
 log = logging.getLogger(__name__)
 
 METHODS = ("vanilla", "distfd-propagate", "distfd-parallel", "deepcache")
-# name -> (distfd mode or None for vanilla, torch.compile mode); "-cg": CUDA graphs ("reduce-overhead").
+# name -> (distfd mode or None for vanilla, torch.compile mode, dynamic or None for --compile-dynamic);
+# "-cg": CUDA graphs ("reduce-overhead"); "-dynamic": dynamic=True (distfd: one decoder graph for every
+# group size instead of one per size: fewer compiles).
 COMPILED = {
-    "vanilla-compiled": (None, None),
-    "distfd-parallel-compiled": ("parallel", None),
-    "vanilla-compiled-cg": (None, "reduce-overhead"),
-    "distfd-parallel-compiled-cg": ("parallel", "reduce-overhead"),
+    "vanilla-compiled": (None, None, None),
+    "distfd-parallel-compiled": ("parallel", None, None),
+    "vanilla-compiled-cg": (None, "reduce-overhead", None),
+    "distfd-parallel-compiled-cg": ("parallel", "reduce-overhead", None),
+    "distfd-parallel-compiled-cg-dynamic": ("parallel", "reduce-overhead", True),
 }
 ALL_METHODS = METHODS + tuple(COMPILED)
 
@@ -63,7 +66,7 @@ def variant(bench: Bench) -> Bench:
 
 def setup_compiled(name: str, bench: Bench, opts: dict[str, Any]) -> Installed:
     """torch.compile a copy of the denoiser (the user's way), then apply distfd for distfd methods."""
-    distfd_mode, mode = COMPILED[name]
+    distfd_mode, mode, dynamic = COMPILED[name]
     backend = opts.get("compile_backend", "inductor")
     if mode == "reduce-overhead" and (bench.pipe.device.type != "cuda" or backend != "inductor"):
         raise Skip("CUDA graphs (mode='reduce-overhead') need inductor on a CUDA device")
@@ -73,7 +76,10 @@ def setup_compiled(name: str, bench: Bench, opts: dict[str, Any]) -> Installed:
             raise Skip(reason)
     var = variant(bench)
     attr = "transformer" if bench.arch == "dit" else "unet"
-    options: dict[str, Any] = {"backend": backend, "dynamic": opts.get("compile_dynamic")}
+    options: dict[str, Any] = {
+        "backend": backend,
+        "dynamic": opts.get("compile_dynamic") if dynamic is None else dynamic,
+    }
     if backend == "inductor" and mode is not None:
         options["mode"] = mode
     setattr(var.pipe, attr, torch.compile(getattr(var.pipe, attr), **options))
