@@ -57,6 +57,16 @@ class Handle:
             self.engine.end_run()
         return self.pipe.scheduler
 
+    def check_denoiser(self) -> None:
+        """The denoiser must still be the one apply() hooked, not compiled (or replaced) since."""
+        den, attr = self.denoiser, self.engine.adapter.denoiser_attr
+        if getattr(self.pipe, attr, None) is not den.outer or getattr(den.model, "_compiled_call_impl", None):
+            raise RuntimeError(
+                f"distfd: pipe.{attr} was compiled or replaced after distfd.apply(); compile it first, then "
+                "apply (handle.remove(), compile, distfd.apply(...)): distfd compiles its own passes with "
+                "your torch.compile options."
+            )
+
     def stats(self) -> dict[str, Any]:
         """Counters of what ran (cumulative) and this rank's communication in the latest run."""
         return {**self.engine.counters.as_dict(), **self.engine.ctx.stats.as_dict()}
@@ -127,7 +137,7 @@ def apply(
     for index, enc in enumerate(engine.modules):
         modules.add(enc.module, EncoderModuleHook(engine, index))
     inner_forward = model.forward if denoiser.outer is not model else None
-    modules.add(denoiser.outer, DenoiserHook(engine, handle.scheduler, inner_forward))
+    modules.add(denoiser.outer, DenoiserHook(engine, handle.scheduler, inner_forward, handle.check_denoiser))
     for side in _side_models(pipe):
         modules.add(side, ControlNetHook(engine))
     denoiser.suspend()

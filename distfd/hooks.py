@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
@@ -40,11 +41,21 @@ class DenoiserHook(ModelHook):
     outside, on the module the pipeline calls; its passes run the forward of the model inside).
     """
 
-    def __init__(self, engine: Engine, scheduler: Callable[[], Any], forward: Callable | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: Callable[[], Any],
+        forward: Callable | None = None,
+        check: Callable[[], None] = lambda: None,
+    ) -> None:
         super().__init__()
-        self.engine, self.scheduler, self.forward = engine, scheduler, forward
+        self.engine, self.scheduler, self.forward, self.check = engine, scheduler, forward, check
 
+    # Never traced: distfd's bookkeeping stays out of any graph, even of a denoiser compiled after
+    # apply() (``check`` then raises; compiled before, distfd compiles its passes itself).
+    @torch._dynamo.disable
     def new_forward(self, module: nn.Module, *args, **kwargs):
+        self.check()
         forward = self.forward or self.fn_ref.original_forward
         return self.engine.denoiser_forward(forward, args, kwargs, self.scheduler())
 

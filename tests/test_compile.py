@@ -160,6 +160,21 @@ def test_planned_graphs_for_fifty_steps():
     assert planned_graphs(paper, 50, CFG_ROWS, world_size=2, rank=1, encodes=False, dynamic=True).graphs == 3
 
 
+def test_compiling_after_apply_is_a_clear_error():
+    pipe = tiny.sd()
+    handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=FEW))
+    unet = pipe.unet
+    unet.compile(backend="eager")
+    with pytest.raises(RuntimeError, match="compiled or replaced after distfd.apply"):
+        tiny.run(pipe, steps=STEPS)
+    unet._compiled_call_impl = None
+    pipe.unet = torch.compile(unet, backend="eager")
+    with pytest.raises(RuntimeError, match="compiled or replaced after distfd.apply"):
+        tiny.run(pipe, steps=STEPS)
+    pipe.unet = unet
+    handle.remove()
+
+
 def test_kept_outputs_leave_the_cuda_graph_pool():
     """On CUDA the engine keeps copies of what a pass returns (the next CUDA-graph replay reuses it)."""
     feats = [torch.ones(2, 3), (torch.zeros(2), None)]
