@@ -16,7 +16,10 @@ from distfd.cli import main
 from distfd.request import ImageRequest
 from distfd.session import Session
 
-from .cli_helpers import TINY_RUN, model_dir, subprocess_env  # noqa: F401 - fixture
+from . import cli_helpers
+from .cli_helpers import TINY_RUN, subprocess_env
+
+model_dir = cli_helpers.model_dir  # the shared fixture
 
 pytestmark = pytest.mark.timeout(300)
 
