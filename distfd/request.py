@@ -223,6 +223,7 @@ class ModelFacts:
         sample_size: The denoiser's default latent (height, width), or None if it has none.
         num_train_timesteps: The scheduler's training horizon (bounds ``steps``).
         scheduler_config: The scheduler's config (to count the sampling loop's steps), or None.
+        call_params: The pipeline's ``__call__`` parameter names, or None if unknown.
     """
 
     pipeline_class: str
@@ -230,6 +231,7 @@ class ModelFacts:
     sample_size: tuple[int, int] | None = None
     num_train_timesteps: int = 1000
     scheduler_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    call_params: frozenset[str] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def size_multiple(self) -> int:
@@ -262,6 +264,7 @@ class ModelFacts:
             sample_size=_pair(denoiser.get("sample_size")) if denoiser else None,
             num_train_timesteps=int((sched or {}).get("num_train_timesteps", 1000)),
             scheduler_config=sched,
+            call_params=_call_params(str(index.get("_class_name", ""))),
         )
 
     @classmethod
@@ -275,7 +278,27 @@ class ModelFacts:
             sample_size=_pair(getattr(getattr(denoiser, "config", None), "sample_size", None)),
             num_train_timesteps=int(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000)),
             scheduler_config=dict(sched.config) if sched is not None else None,
+            call_params=_signature_names(type(pipe)),
         )
+
+
+def _signature_names(cls: type) -> frozenset[str] | None:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(cls.__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _call_params(class_name: str) -> frozenset[str] | None:
+    """The ``__call__`` parameters of the diffusers pipeline class called ``class_name`` (no weights)."""
+    try:
+        import diffusers
+
+        return _signature_names(getattr(diffusers, class_name))
+    except (ImportError, AttributeError):
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -308,6 +331,17 @@ def check_for_model(
     function of the step count giving it (:func:`distfd.samplers.loop_length`); ``key_steps`` the key
     steps that will run (``req.key_steps`` or the default); they are checked only when both are given.
     """
+    params = facts.call_params
+    if params is not None:
+        name = facts.pipeline_class
+        if "prompt" not in params:
+            raise ValueError(f"{name} does not take a text prompt; use a text-to-image pipeline.")
+        if req.negative_prompt and "negative_prompt" not in params:
+            raise ValueError(f"{name} does not take negative_prompt; drop it.")
+        if req.uses_guidance and "guidance_scale" not in params:
+            raise ValueError(
+                f"{name} does not take guidance_scale, so {req.guidance_scale:g} would be ignored; use 1."
+            )
     if req.steps > facts.num_train_timesteps:
         raise ValueError(
             f"steps {req.steps} exceeds the scheduler's {facts.num_train_timesteps} training timesteps; "

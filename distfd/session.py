@@ -215,12 +215,11 @@ class Session:
         import torch
 
         kw: dict[str, Any] = dict(
-            prompt=req.prompt,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            height=req.height,
-            width=req.width,
+            prompt=req.prompt, num_inference_steps=req.steps, height=req.height, width=req.width
         )
+        params = self.facts.call_params
+        if params is None or "guidance_scale" in params:
+            kw["guidance_scale"] = req.guidance_scale
         if req.negative_prompt is not None:
             kw["negative_prompt"] = req.negative_prompt
         generator = torch.Generator("cpu").manual_seed(req.seed)

@@ -261,3 +261,33 @@ def test_plain_run_prints_no_warnings(tmp_path):
     noise = [line for line in proc.stderr.splitlines() if "warn" in line.lower() or "torchvision" in line]
     assert not noise, noise
     assert "wrote" in proc.stdout
+
+
+def test_model_facts_from_the_folder_match_the_loaded_pipeline(model_dir, session):
+    from distfd.request import ModelFacts
+
+    folder = ModelFacts.from_folder(model_dir)
+    assert folder == session.facts  # read from JSON configs alone, the same as from the loaded pipeline
+    assert folder.default_size() == (32, 32) and folder.size_multiple == 8
+    assert folder.call_params == session.facts.call_params and "negative_prompt" in folder.call_params
+
+
+@pytest.mark.parametrize(
+    ("params", "fields", "message"),
+    [
+        ({"class_labels", "guidance_scale"}, {}, "does not take a text prompt"),
+        ({"prompt"}, {"guidance_scale": 1.0}, None),
+        ({"prompt"}, {"guidance_scale": 5.0}, "does not take guidance_scale, so 5 would be ignored"),
+        ({"prompt", "guidance_scale"}, {"negative_prompt": "blur"}, "does not take negative_prompt"),
+    ],
+)
+def test_values_a_pipeline_would_ignore_are_refused(params, fields, message):
+    from distfd.request import ModelFacts, check_for_model
+
+    facts = ModelFacts("SomePipeline", 8, (64, 64), call_params=frozenset(params))
+    req = ImageRequest("a red circle", **fields)
+    if message is None:
+        assert check_for_model(req, facts).height == 512
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_for_model(req, facts)
