@@ -258,7 +258,8 @@ def test_plain_run_prints_no_warnings(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    noise = [line for line in proc.stderr.splitlines() if "warn" in line.lower() or "torchvision" in line]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noise = [line for line in lines if "warn" in line.lower() or "torchvision" in line]
     assert not noise, noise
     assert "wrote" in proc.stdout
 
