@@ -35,45 +35,28 @@ def _type_name(v: Any) -> str:
 
 
 def parse_key_steps_text(text: str) -> str | tuple[int, ...]:
-    """A CLI value: '0,1,5' -> (0, 1, 5); anything else (preset name, 'uniform-K', .json) unchanged."""
+    """A CLI value: '0,1,5' -> (0, 1, 5); anything else (preset name, 'uniform-K', .json) unchanged.
+    Whether it is valid is :class:`~distfd.keysteps.KeySteps`'s to say, the same for every path."""
     parts = [p.strip() for p in text.split(",")]
-    if parts and all(p.lstrip("-").isdigit() for p in parts if p) and any(parts):
+    if any(parts) and all(p.isdigit() for p in parts if p):
         return tuple(int(p) for p in parts if p)
     return text
 
 
 def _check_key_steps(value: Any) -> str | tuple[int, ...] | None:
-    """The request's key steps: None (the default for the model, scheduler and steps), a preset name,
-    'uniform-K', a preset .json path, or 0-based loop indices including 0."""
+    """The request's key steps, checked by :meth:`distfd.keysteps.KeySteps.parse` (the rules every
+    way of giving them meets; a preset file is read here): None (the default for the model, scheduler
+    and steps), a preset name, 'uniform-K' or a .json path (kept as given), or loop indices (sorted)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        if not value.strip():
-            raise ValueError(
-                "key_steps is an empty string; give a preset name (e.g. 'sd-ddim-50'), 'uniform-K', "
-                "a .json preset file, indices such as '0,1,5', or leave it out for the default."
-            )
-        from .schedule import check_spec
+    from .keysteps import KeySteps
 
-        check_spec(value)  # unknown preset names and unreadable files are refused here
-        return value
+    if isinstance(value, str):
+        KeySteps.parse(value)
+        return value.strip()
     if isinstance(value, list | tuple):
-        steps = list(value)
-        bad = [k for k in steps if not _is_int(k)]
-        if bad:
-            raise TypeError(f"key_steps must hold integers (0-based loop indices); got {bad[0]!r}.")
-        if not steps:
-            raise ValueError("key_steps is empty; give at least [0], or leave it out for the default.")
-        if any(k < 0 for k in steps):
-            raise ValueError(f"key_steps must be non-negative loop indices; got {steps}.")
-        dupes = sorted({k for k in steps if steps.count(k) > 1})
-        if dupes:
-            raise ValueError(f"key_steps has duplicates {dupes}; list each loop index once.")
-        if 0 not in steps:
-            raise ValueError(
-                f"key_steps {steps} lacks index 0: the encoder must run at the first step. Add 0."
-            )
-        return tuple(sorted(steps))
+        parsed = KeySteps.parse(list(value))
+        return tuple(parsed.indices)
     raise TypeError(
         f"key_steps must be a preset name, a .json path or a list of integers; got {_type_name(value)}."
     )
@@ -367,7 +350,7 @@ def check_for_model(
     if callable(loop_length):
         loop_length = loop_length(req.steps)  # also refuses a step count the scheduler cannot run
     if loop_length is not None and req.mode != "off" and spec is not None:
-        from .schedule import resolve_key_steps
+        from .keysteps import resolve_key_steps
 
         resolve_key_steps(spec, req.steps, loop_length, allow_rescale=req.key_steps is None)
     if (height, width) == (req.height, req.width):

@@ -177,7 +177,7 @@ class Session:
         """The key steps ``req`` runs with (None for mode 'off')."""
         if req.mode == "off":
             return None
-        from .schedule import resolve_key_steps
+        from .keysteps import resolve_key_steps
 
         spec, rescale = self.key_steps_spec(req)
         return list(resolve_key_steps(spec, req.steps, self._loop_length(req.steps), allow_rescale=rescale))

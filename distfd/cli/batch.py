@@ -25,8 +25,8 @@ from typing import Any
 
 from ..request import ImageRequest
 from . import checks
-from .generate import save_image
 from .options import UsageError, request_from_args
+from .output import save_image
 
 logger = logging.getLogger("distfd")
 
