@@ -292,3 +292,22 @@ def test_values_a_pipeline_would_ignore_are_refused(params, fields, message):
     else:
         with pytest.raises(ValueError, match=message):
             check_for_model(req, facts)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [([5, 0, 2], None), ([0, -3, 5], "must be non-negative loop indices"), ([0, 2.7], "must hold ints")],
+)
+def test_preset_file_meets_the_list_rules_on_every_path(
+    model_dir, session, no_load, tmp_path, keys, message, capsys
+):
+    preset = tmp_path / "keys.json"
+    preset.write_text(json.dumps({"num_steps": 6, "key_steps": keys}))
+    if message is None:
+        req = ImageRequest.from_mapping({"prompt": "x", "key_steps": str(preset)}, ImageRequest("d", steps=6))
+        assert session.key_steps_for(session.check(req)) == [0, 2, 5]
+        return
+    code = main(["generate", "--model", str(model_dir), "--steps", "6", "--key-steps", str(preset)])
+    assert code == 2 and message in capsys.readouterr().err
+    with pytest.raises((ValueError, TypeError), match=message):
+        ImageRequest.from_mapping({"prompt": "x", "key_steps": str(preset)}, ImageRequest("d", steps=6))
