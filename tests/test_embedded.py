@@ -161,12 +161,7 @@ def test_shipped_key_steps_are_the_calibration_result(pipe):
     recipe = json.loads(path.read_text())["calibration"]
     prompts, _ = sample_captions(recipe["num_prompts"], recipe["prompt_seed"])
     cal = distfd.calibrate(
-        pipe,
-        50,
-        budget=recipe["budget"],
-        prompts=prompts,
-        seed=recipe["seed"],
-        guidance_scale=recipe["guidance_scale"],
+        pipe, 50, budget=recipe["budget"], prompts=prompts, seed=recipe["seed"], guidance_scale=recipe["guidance_scale"]
     )
     assert shipped.num_steps == 50 and cal.key_steps == shipped.key_steps
 
