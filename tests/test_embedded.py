@@ -167,16 +167,11 @@ def test_shipped_key_steps_are_the_calibration_result(pipe):
 
 
 def test_cli_defaults_to_the_calibrated_set_on_the_embedded_model():
-    from argparse import Namespace
-
-    from distfd.cli import _default_key_steps
     from distfd.embedded import calibrated_key_steps
+    from distfd.session import default_key_steps
 
-    assert _default_key_steps(Namespace(model=None, scheduler="ddim", steps=50)) == (
-        str(calibrated_key_steps("ddim", 50)),
-        False,
-    )
+    assert default_key_steps(None, "ddim", 50) == (str(calibrated_key_steps("ddim", 50)), False)
     # No calibrated set for this step count, or another model: the paper's preset, rescaled.
-    assert _default_key_steps(Namespace(model=None, scheduler="ddim", steps=20)) == ("sd-ddim-50", True)
-    assert _default_key_steps(Namespace(model="some/model", scheduler="ddim", steps=50)) == ("sd-ddim-50", True)
-    assert _default_key_steps(Namespace(model=None, scheduler="dpm", steps=20)) == ("sd-dpm-20", True)
+    assert default_key_steps(None, "ddim", 20) == ("sd-ddim-50", True)
+    assert default_key_steps("some/model", "ddim", 50) == ("sd-ddim-50", True)
+    assert default_key_steps(None, "dpm", 20) == ("sd-dpm-20", True)
