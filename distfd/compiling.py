@@ -16,10 +16,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a function runs: the CLI builds its parser from this module
+    import torch
+    from torch import nn
 
 logger = logging.getLogger("distfd")
 
@@ -134,6 +135,8 @@ def graph_breaks() -> dict[str, int]:
 
 def cuda_graphs_recorded(device: torch.device | int | None = None) -> int | None:
     """CUDA graphs recorded by inductor's CUDA-graph trees on ``device`` (None where not available)."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     try:
@@ -172,6 +175,8 @@ def warm_up(pipe: Any, *args: Any, calls: int = 2, **kwargs: Any) -> WarmUp:
     second call records them. ``kwargs`` should be the planned call's (same size, steps, batch);
     seeds and prompts may differ.
     """
+    import torch
+
     report = WarmUp()
     device = getattr(pipe, "device", torch.device("cpu"))
     for _ in range(calls):
@@ -231,6 +236,20 @@ def add_arguments(parser: Any) -> None:
     )
 
 
+def check_arguments(args: Any) -> str | None:
+    """The problem with the compile flags of ``args``, if any (the CLI shows it as a usage error)."""
+    if getattr(args, "compile", False) and getattr(args, "compare", False):
+        return (
+            "--compile with --compare is not supported: each vanilla call between distfd calls would make "
+            "distfd compile its passes again. Compare compiled runs with benchmarks/latency.py --methods "
+            "vanilla-compiled,distfd-parallel-compiled (or run generate --compile with --mode off, then "
+            "with --mode parallel)."
+        )
+    if not getattr(args, "compile", False) and getattr(args, "compile_mode", "default") != "default":
+        return "--compile-mode needs --compile."
+    return None
+
+
 def compile_denoiser(pipe: Any, args: Any) -> bool:
     """``torch.compile`` the pipeline's denoiser in place when ``args.compile``; True if it did."""
     if not getattr(args, "compile", False):
@@ -242,3 +261,12 @@ def compile_denoiser(pipe: Any, args: Any) -> bool:
     model.compile(backend=backend, mode=mode if backend == "inductor" else None)
     logger.info("compiled pipe.%s (backend %s, mode %s)", name, backend, args.compile_mode)
     return True
+
+
+def warm_compiled(session: Any, request: Any, args: Any) -> None:
+    """With ``--compile``: run ``request`` twice, untimed, so the timed call compiles and records
+    nothing (distfd's passes: every shape of the run; CUDA graphs record on a shape's second call)."""
+    if not getattr(args, "compile", False) or getattr(request, "mode", "off") == "off":
+        return  # vanilla: the session's warm-up call already compiled the whole-model graph
+    for _ in range(2):
+        session.run(request)

@@ -117,6 +117,7 @@ class Session:
         # Fails fast on a bad option, before the ranks load anything.
         self._config(ImageRequest("x", key_steps=(0,)))
         check_same_on_all_ranks(ctx, self.settings(), "session settings")
+        self._kept = None  # distfd's handle kept applied across requests (compiled denoiser)
         self.pipe = self._load(step_progress)
         self.facts = ModelFacts.from_pipeline(self.pipe)
 
@@ -195,21 +196,41 @@ class Session:
 
     def run(self, req: ImageRequest) -> Result:
         """One image on all ranks (collective; every rank passes the same request)."""
-        import distfd
 
         req = self.check(req)
         check_same_on_all_ranks(self.ctx, req.to_dict(), "requests")
         key_steps = self.key_steps_for(req)
         if req.mode == "off":
+            self._drop_kept()
             image, seconds = self._call(req)
             return Result(image, seconds, None, {"collectives": 0, "bytes_sent": 0}, req)
-        handle = distfd.apply(self.pipe, self._config(req), context=self.ctx)
+        handle = self._apply(self._config(req))
+        counted = handle.engine.counters.as_dict()  # cumulative on a kept handle: this call's share
         try:
             image, seconds = self._call(req)
-            stats = handle.stats()
+            stats = {k: v - counted.get(k, 0) if k in counted else v for k, v in handle.stats().items()}
         finally:
-            handle.remove()
+            if handle is not self._kept:
+                handle.remove()
         return Result(image, seconds, key_steps, stats, req)
+
+    def _apply(self, config) -> Any:
+        """distfd on the pipeline for one request. With a compiled denoiser the handle stays applied
+        while requests share a config: applying again would make distfd compile its passes again."""
+        import distfd
+
+        if self._kept is not None and self._kept.config == config:
+            return self._kept
+        self._drop_kept()
+        handle = distfd.apply(self.pipe, config, context=self.ctx)
+        if handle.engine.passes.compiled:
+            self._kept = handle
+        return handle
+
+    def _drop_kept(self) -> None:
+        if self._kept is not None:
+            self._kept.remove()
+            self._kept = None
 
     def _call(self, req: ImageRequest) -> tuple[Any, float]:
         import torch

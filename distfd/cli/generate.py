@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .. import compiling
 from . import checks
 from .options import (
     HelpFormatter,
@@ -78,6 +79,8 @@ def _up_front(args) -> tuple[Any, Path | None]:
             raise UsageError("--compare times one image; drop it with --prompts-file.")
     if args.compare and request.mode == "off":
         raise UsageError("--compare times distfd against vanilla; drop --mode off.")
+    if (problem := compiling.check_arguments(args)) is not None:
+        raise UsageError(problem)
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise UsageError(f"--prompts-file {args.prompts_file}: no such file.")
@@ -158,6 +161,7 @@ def run(args) -> int:
         if args.compare:
             return _compare(session, request, args)
         session.warmup()
+        compiling.warm_compiled(session, request, args)  # --compile: every pass shape before timing
         result = session.run(request)
         if ctx.is_main:
             save_image(result.image, args.out)

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from .. import samplers
+from .. import compiling, samplers
 from ..request import MODES, ImageRequest, parse_key_steps_text
 
 DEFAULT_PROMPT = "a small red circle at the top left on a blue background"
@@ -131,6 +131,7 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--noise-alpha", type=float, default=0.003, help="prior noise injection; 0 disables")
     g.add_argument("--max-parallel-steps", type=int, default=None, help="cap on steps decoded per batch")
+    compiling.add_arguments(g)  # --compile, --compile-mode, --compile-backend, --backend
 
 
 def session_kwargs(args: argparse.Namespace) -> dict:
@@ -148,7 +149,7 @@ def context_from_args(args: argparse.Namespace):
     from ..runtime import DistContext
 
     device = None if args.device == "auto" else args.device
-    return DistContext.from_env(timeout_s=args.timeout, device=device)
+    return DistContext.from_env(timeout_s=args.timeout, device=device, backend=getattr(args, "backend", None))
 
 
 def session_from_args(args: argparse.Namespace, ctx, step_progress: bool = False):
@@ -161,7 +162,9 @@ def session_from_args(args: argparse.Namespace, ctx, step_progress: bool = False
         diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components"
         transformers.utils.logging.disable_progress_bar()  # "Loading weights"
 
-    return Session(ctx, step_progress=step_progress, **session_kwargs(args))
+    session = Session(ctx, step_progress=step_progress, **session_kwargs(args))
+    compiling.compile_denoiser(session.pipe, args)
+    return session
 
 
 def configure_logging(args: argparse.Namespace) -> None:
