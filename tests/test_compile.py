@@ -17,7 +17,10 @@ from distfd.keysteps import resolve_key_steps
 from distfd.passes import CompiledPasses, planned_graphs
 
 from . import tiny
-from .tiny_models import dit, run_dit
+from .test_models_dit import KEYS as PIXART_KEYS
+from .test_models_dit import STEPS as PIXART_STEPS
+from .test_models_dit import pixart_call
+from .tiny_models import dit, pixart, run_dit
 
 STEPS, KEYS = 10, [0, 1, 3, 6]  # groups of 1, 2, 3 and 4 steps
 FEW = [0, 4, 8]  # groups of 4, 4 and 2 steps: decoder batches of 8 and 4 rows
@@ -111,13 +114,15 @@ def test_aot_eager_and_propagate_mode():
     tiny.assert_close(got, eager)
 
 
-def test_compiled_dit_transformer():
-    pipe = dit()
-    run = lambda p: run_dit(p, steps=STEPS)  # noqa: E731
-    eager, _ = _distfd(pipe, run)
-    _compile(pipe, "inplace", attr="transformer", backend="eager")
-    got, _ = _distfd(pipe, run)
-    assert graphs_compiled() == planned_graphs(KEYS, STEPS, CFG_ROWS).graphs
+@pytest.mark.parametrize("model", ["dit", "pixart"])
+def test_compiled_transformer(model):
+    pipe, run = (dit(), lambda p: run_dit(p, steps=STEPS)) if model == "dit" else (pixart(), pixart_call)
+    steps = STEPS if model == "dit" else PIXART_STEPS
+    keys = KEYS if model == "dit" else PIXART_KEYS
+    eager, _ = _distfd(pipe, run, key_steps=keys)
+    _compile(pipe, "inplace" if model == "dit" else "module", attr="transformer", backend="eager")
+    got, _ = _distfd(pipe, run, key_steps=keys)
+    assert graphs_compiled() == planned_graphs(keys, steps, CFG_ROWS).graphs
     assert graph_breaks() == {}
     tiny.assert_close(got, eager)
 
