@@ -1,0 +1,147 @@
+"""``distfd serve`` on 2 gloo ranks over real HTTP with a tiny saved pipeline: concurrent requests,
+bad requests, the same pixels as ``distfd generate``, a killed rank, SIGTERM."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("starlette")
+
+from . import tiny  # noqa: E402
+from .servers import Ranks, Service, call  # noqa: E402
+
+TINY = ["--steps", "10", "--key-steps", "0,1,3,6", "--height", "32", "--width", "32"]
+TIMEOUT_S = 10  # the collective timeout of these services: a lost rank must end them within it
+REQUEST = {"prompt": "a red circle", "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny.sd().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("serve")
+    s = Service(["--model", str(model_dir), *TINY, "--timeout", str(TIMEOUT_S)], log_dir)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.signal(signal.SIGTERM)
+        codes, _ = s.wait(60)
+        assert codes == [0, 0], s.results()
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def test_health_reports_world_size_model_and_queue(service, model_dir):
+    h = service.health()
+    assert h["status"] == "ok" and h["world_size"] == 2 and h["queue"] == 0
+    assert h["model"] == str(model_dir)
+
+
+def test_same_pixels_as_generate(service, model_dir, tmp_path):
+    out = tmp_path / "generate.png"
+    argv = ["generate", "--model", str(model_dir), *TINY, "--prompt", "a red circle", "--seed", "3"]
+    ranks = Ranks([*argv, "--out", str(out), "--timeout", "60"], tmp_path / "generate")
+    codes, _ = ranks.wait(180)
+    assert codes == [0, 0], ranks.results()
+    status, headers, png = call(service.url, "/generate", REQUEST)
+    assert status == 200 and headers["content-type"] == "image/png"
+    assert float(headers["x-generation-seconds"]) > 0
+    np.testing.assert_array_equal(pixels(png), pixels(out.read_bytes()))
+    assert png == out.read_bytes()  # the same PNG, byte for byte
+
+
+def test_concurrent_requests_all_answered_in_order_of_arrival(service):
+    bodies = [{"prompt": "a blue square", "seed": s % 3} for s in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda b: call(service.url, "/generate", b), bodies))
+    assert [a[0] for a in answers] == [200] * 6
+    # Queued and concurrent requests give what the same request gives alone.
+    for seed in range(3):
+        np.testing.assert_array_equal(pixels(answers[seed][2]), pixels(answers[seed + 3][2]))
+    assert not np.array_equal(pixels(answers[0][2]), pixels(answers[1][2]))
+    text = call(service.url, "/metrics")[2].decode()
+    assert 'distfd_requests_total{status="200"}' in text and "distfd_request_seconds_bucket" in text
+    sent = [line for line in text.splitlines() if line.startswith("distfd_broadcast_bytes_total ")]
+    assert float(sent[0].split()[1]) > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"seed": 1}, "prompt"),
+        ({"prompt": "a red circle", "steps": "ten"}, "steps"),
+        ({"prompt": "a red circle", "steps": 0}, "--steps must be >= 1"),
+        ({"prompt": "a red circle", "key_steps": [0, 1, 99]}, "99"),
+        ({"prompt": "a red circle", "height": 30}, "multiple of 8"),
+        ({"prompt": "a red circle", "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_requests_get_400_and_the_service_goes_on(service, body, message):
+    status, headers, answer = call(service.url, "/generate", body)
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert message in json.loads(answer)["error"]
+    assert call(service.url, "/generate", REQUEST)[0] == 200
+
+
+def test_a_killed_rank_ends_the_service_with_503_and_no_hang(model_dir, tmp_path):
+    s = Service(["--model", str(model_dir), *TINY, "--steps", "40", "--timeout", str(TIMEOUT_S)], tmp_path)
+    try:
+        s.wait_ready()
+        with ThreadPoolExecutor(3) as pool:
+            waiting = [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}) for k in range(3)]
+            s.wait_health(lambda h: h["in_flight"] == 1 and h["queue"] == 2)
+            s.signal(signal.SIGKILL, [1])
+            answers = [f.result(TIMEOUT_S * 3) for f in waiting]
+        # The one in flight may have finished before rank 1 died; the waiting ones cannot.
+        assert answers[0][0] in (200, 503)
+        for status, _, body in answers[1:]:
+            assert status == 503 and "rank of the service was lost" in json.loads(body)["error"]
+        status, _, body = call(s.url, "/generate", REQUEST)  # later: still an answer, not a hang
+        assert status == 503 and "lost" in json.loads(body)["error"]
+        codes, took = s.wait(TIMEOUT_S + 10)
+        assert codes[0] == 1 and codes[1] == -signal.SIGKILL, s.results()
+        assert took < TIMEOUT_S + 10
+    finally:
+        s.kill()
+
+
+def test_sigterm_finishes_the_request_in_flight_and_answers_the_queued_with_503(model_dir, tmp_path):
+    s = Service(["--model", str(model_dir), *TINY, "--steps", "40", "--timeout", str(TIMEOUT_S)], tmp_path)
+    try:
+        s.wait_ready()
+        with ThreadPoolExecutor(3) as pool:
+            waiting = [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}) for k in range(3)]
+            s.wait_health(lambda h: h["in_flight"] == 1 and h["queue"] == 2)
+            s.signal(signal.SIGTERM)  # every rank, as torchrun and scancel do
+            answers = [f.result(TIMEOUT_S * 3) for f in waiting]
+        assert answers[0][0] == 200
+        for status, _, body in answers[1:]:
+            assert status == 503 and "shutting down" in json.loads(body)["error"]
+        codes, _ = s.wait(30)
+        assert codes == [0, 0], s.results()
+    finally:
+        s.kill()
+
+
+def test_idle_service_outlives_the_collective_timeout(service):
+    """The heartbeat keeps idle ranks inside the timeout (the module's service started > TIMEOUT_S ago)."""
+    time.sleep(max(0.0, TIMEOUT_S + 1 - (time.monotonic() - service.started)))
+    assert service.health()["status"] == "ok"
+    assert call(service.url, "/generate", REQUEST)[0] == 200
