@@ -3,16 +3,52 @@
 >>> handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps="sd-ddim-50", mode="parallel"))
 >>> image = pipe(prompt, num_inference_steps=50).images[0]
 >>> handle.remove()
+
+The names below load on first use, so ``import distfd.cli`` (and ``distfd --help``) stay fast.
 """
 
-from .adapters import supported
-from .apply import Handle, apply
-from .autokey import Calibration, calibrate
-from .config import FasterDiffusionConfig
-from .runtime import DistContext, DistributedError
-from .schedule import PRESETS, Preset, resolve_key_steps
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "PRESETS": ".schedule",
+    "Calibration": ".autokey",
+    "DistContext": ".runtime",
+    "DistributedError": ".runtime",
+    "FasterDiffusionConfig": ".config",
+    "Handle": ".apply",
+    "Preset": ".schedule",
+    "apply": ".apply",
+    "calibrate": ".autokey",
+    "resolve_key_steps": ".schedule",
+    "supported": ".adapters",
+}
+
+if TYPE_CHECKING:
+    from .adapters import supported
+    from .apply import Handle, apply
+    from .autokey import Calibration, calibrate
+    from .config import FasterDiffusionConfig
+    from .runtime import DistContext, DistributedError
+    from .schedule import PRESETS, Preset, resolve_key_steps
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'distfd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "PRESETS",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -143,13 +144,7 @@ class DistContext:
             backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-            device_id=dev if dev.type == "cuda" else None,
-        )
+        _rendezvous(backend, rank, world, dev, timeout_s)
         logger.info("joined %d ranks over %s (timeout %.0fs)", world, backend, timeout_s)
         return cls(rank, world, dev, None, timeout_s, owns_group=True)
 
@@ -232,6 +227,54 @@ class DistContext:
     def _object_device(self) -> torch.device | None:
         backend = dist.get_backend(self.group)
         return self.device if backend == "nccl" else None
+
+
+def _rendezvous(backend: str, rank: int, world: int, dev: torch.device, timeout_s: float) -> None:
+    """``init_process_group`` from the environment, bounded by ``timeout_s`` on every rank.
+
+    torch bounds the collectives but not every part of the rendezvous: a rank whose ``MASTER_PORT`` is
+    held by another process can wait forever for the store's handshake. The call runs in a helper
+    thread; if it has not returned within the timeout this rank gives up with an error naming the
+    port. A thread that never returns is left behind (a daemon; the process exits with the error).
+    """
+    addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    outcome: dict[str, BaseException] = {}
+
+    def join() -> None:
+        try:
+            dist.init_process_group(
+                backend,
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=timeout_s),
+                device_id=dev if dev.type == "cuda" else None,
+            )
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=join, name="distfd-rendezvous", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    where = f"{addr}:{port} (MASTER_ADDR:MASTER_PORT)"
+    if worker.is_alive():
+        raise DistributedError(
+            f"rank {rank}/{world} could not start: no rendezvous at {where} within {timeout_s:.0f}s "
+            "(--timeout). Rank 0 could not start its rendezvous server there, or another process holds "
+            "the port, or a rank never started; check rank 0's log, and pick a free MASTER_PORT."
+        )
+    err = outcome.get("error")
+    if err is None:
+        return
+    text = f"{type(err).__name__}: {err}"
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        raise DistributedError(
+            f"rank {rank}/{world} could not start: port {port} on {addr} (MASTER_PORT) is already in use "
+            "by another process, so this rank cannot host the rendezvous. Pick a free MASTER_PORT "
+            "(or stop the process holding it); the other ranks end within --timeout."
+        ) from err
+    raise DistributedError(
+        f"rank {rank}/{world} could not start: rendezvous at {where} failed ({text.splitlines()[0]})."
+    ) from err
 
 
 def _local_device() -> torch.device:

@@ -1,25 +1,51 @@
-"""Schedulers by name, built from a pipeline's own scheduler config (used by the CLI and the harness)."""
+"""Schedulers by name, built from a pipeline's own scheduler config (used by the CLI and the harness).
+
+``dpm`` means DPM-Solver++ multistep (Lu et al. 2022, arXiv 2211.01095) everywhere in distfd: the
+solver diffusers and the paper's SD experiments use with 20 steps. ``dpm++`` is the same scheduler.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-# name -> (diffusers class, extra config)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+# name -> (diffusers class, extra config, description)
+SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM-Solver++ multistep"),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "same as dpm"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral"),
+    "pndm": ("PNDMScheduler", {}, "PNDM (PLMS)"),
 }
+
+
+def describe() -> str:
+    """One line listing the names and what they mean (for --help)."""
+    return ", ".join(f"{name}: {desc}" for name, (_, _, desc) in SCHEDULERS.items())
+
+
+def _check(name: str) -> None:
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}.")
+
+
+def build(name: str, config: Mapping[str, Any]) -> Any:
+    """A new scheduler called ``name`` from a scheduler ``config`` (keeps its betas and horizon)."""
+    import diffusers
+
+    _check(name)
+    cls_name, extra, _ = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(dict(config), **extra)
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
     """Swap ``pipe.scheduler`` for the scheduler called ``name``, keeping its betas and horizon."""
-    import diffusers
+    pipe.scheduler = build(name, pipe.scheduler.config)
 
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)}.")
-    cls_name, extra = SCHEDULERS[name]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+
+def loop_length(name: str, config: Mapping[str, Any], steps: int) -> int:
+    """How many denoiser calls the sampling loop makes for ``steps`` (PNDM makes one more)."""
+    sched = build(name, config)
+    sched.set_timesteps(steps)
+    return len(sched.timesteps)

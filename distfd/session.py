@@ -1,0 +1,244 @@
+"""A pipeline loaded once on every rank, then any number of images: what `distfd generate` (one image
+or a batch) and `distfd serve` run on.
+
+Contract:
+
+- ``Session(ctx, model, scheduler, dtype, ...)`` is built on every rank of ``ctx`` (collective: the
+  ranks first check they were given the same settings, then each loads the pipeline on
+  ``ctx.device``).
+- ``session.check(req)`` is local and cheap: the model-dependent checks of
+  :func:`distfd.request.check_for_model` (size multiple, key steps within the loop, steps within the
+  horizon). It raises ``ValueError``/``TypeError`` with the message to show the user, and returns the
+  request with both sides of the size filled in. Call it before handing a request to the ranks.
+- ``session.run(req)`` is collective: every rank calls it with the same request, in the same order
+  (a request that differs on one rank raises :class:`DistributedError` naming the field and ranks on
+  every rank). It runs exactly what ``distfd generate`` runs and returns a :class:`Result`; every
+  rank gets the same image. A peer that dies or hangs ends it with ``DistributedError`` within
+  ``ctx.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import samplers
+from .request import ImageRequest, ModelFacts, check_for_model
+from .runtime import DistContext, DistributedError
+
+logger = logging.getLogger("distfd")
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ENCODER_PLACEMENTS = ("rank0", "replicated")
+
+
+@dataclass
+class Result:
+    """One generated image.
+
+    Args:
+        image: The image (``PIL.Image.Image``), the same on every rank.
+        seconds: Wall time of the pipeline call on this rank (GPU work synchronised).
+        key_steps: The key steps that ran (0-based loop indices); None for mode 'off'.
+        stats: Passes, collectives and this rank's bytes sent in the call (``handle.stats()``).
+        request: The request as run (both sides of the size filled in).
+    """
+
+    image: Any
+    seconds: float
+    key_steps: list[int] | None
+    stats: dict[str, Any] = field(default_factory=dict)
+    request: ImageRequest | None = None
+
+
+def check_same_on_all_ranks(ctx: DistContext, values: dict[str, Any], what: str) -> None:
+    """All-gather ``values``; on every rank, raise naming each field and the ranks that differ."""
+    if ctx.world_size == 1:
+        return
+    gathered = ctx.all_gather_object(values)
+    problems = []
+    for key, ref in gathered[0].items():
+        others = {r: g.get(key) for r, g in enumerate(gathered) if g.get(key) != ref}
+        if others:
+            listed = ", ".join(f"rank {r} has {v!r}" for r, v in others.items())
+            problems.append(f"{key}: rank 0 has {ref!r}, {listed}")
+    if problems:
+        raise DistributedError(
+            f"the ranks were given different {what} ({'; '.join(problems)}). Start every rank with the "
+            "same arguments."
+        )
+
+
+def resolve_model(model: str | None) -> str:
+    """The path or hub id to load: ``model``, or the embedded model's folder when None."""
+    if model is not None:
+        return model
+    from .embedded import default_model_path
+
+    return str(default_model_path())
+
+
+class Session:
+    """A diffusers pipeline loaded once on each rank of ``ctx``; ``run(request)`` makes one image.
+
+    Args:
+        ctx: The ranks that share each image (``DistContext.from_env()``; world size 1 is fine).
+        model: A saved pipeline folder or hub id; None is the embedded model.
+        scheduler: A name from :data:`distfd.samplers.SCHEDULERS`.
+        dtype: 'fp32', 'fp16' or 'bf16'; None is fp16 on GPU, fp32 on CPU.
+        noise_alpha, encoder, max_parallel_steps: :class:`distfd.FasterDiffusionConfig` fields used
+            for every request.
+        step_progress: Show the pipeline's per-step progress bar on rank 0.
+    """
+
+    def __init__(
+        self,
+        ctx: DistContext,
+        model: str | None = None,
+        scheduler: str = "ddim",
+        dtype: str | None = None,
+        *,
+        noise_alpha: float = 0.003,
+        encoder: str = "rank0",
+        max_parallel_steps: int | None = None,
+        step_progress: bool = False,
+    ) -> None:
+        if scheduler not in samplers.SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; use one of {', '.join(samplers.SCHEDULERS)}.")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+        self.ctx, self.model, self.scheduler, self.dtype = ctx, model, scheduler, dtype
+        self.engine_options = dict(
+            noise_alpha=noise_alpha, encoder=encoder, max_parallel_steps=max_parallel_steps
+        )
+        # Fails fast on a bad option, before the ranks load anything.
+        self._config(ImageRequest("x", key_steps=(0,)))
+        check_same_on_all_ranks(ctx, self.settings(), "session settings")
+        self.pipe = self._load(step_progress)
+        self.facts = ModelFacts.from_pipeline(self.pipe)
+
+    def settings(self) -> dict[str, Any]:
+        """What, besides the request, changes the image (in the manifest and the rank check)."""
+        return {
+            "model": self.model or "embedded:tiny-shapes",
+            "scheduler": self.scheduler,
+            "dtype": self.dtype,
+            **self.engine_options,
+        }
+
+    def _load(self, step_progress: bool) -> Any:
+        import diffusers
+        import torch
+
+        dtype = (
+            getattr(torch, DTYPES[self.dtype])
+            if self.dtype
+            else (torch.float16 if self.ctx.device.type == "cuda" else torch.float32)
+        )
+        start = time.perf_counter()
+        pipe = diffusers.DiffusionPipeline.from_pretrained(resolve_model(self.model), dtype=dtype)
+        samplers.set_scheduler(pipe, self.scheduler)
+        pipe.set_progress_bar_config(disable=not (step_progress and self.ctx.is_main))
+        pipe = pipe.to(self.ctx.device)
+        logger.debug("pipeline loaded in %.1fs", time.perf_counter() - start)
+        return pipe
+
+    def default_key_steps(self, steps: int) -> tuple[str, bool]:
+        """(key steps, rescale) when a request gives none: the embedded model's calibrated set for this
+        scheduler and step count where one ships, else the paper's preset for the scheduler rescaled."""
+        if self.model is None:
+            from .embedded import calibrated_key_steps
+
+            path = calibrated_key_steps("dpm" if self.scheduler == "dpm++" else self.scheduler, steps)
+            if path:
+                return str(path), False
+        return ("sd-dpm-20" if self.scheduler.startswith("dpm") else "sd-ddim-50"), True
+
+    def key_steps_spec(self, req: ImageRequest) -> tuple[Any, bool]:
+        if req.key_steps is not None:
+            return req.key_steps, False
+        return self.default_key_steps(req.steps)
+
+    def check(self, req: ImageRequest) -> ImageRequest:
+        """The model-dependent checks (local, no collective); returns the request as it will run."""
+        if not isinstance(req, ImageRequest):
+            raise TypeError(f"expected an ImageRequest; got {type(req).__name__}.")
+        spec, _ = self.key_steps_spec(req)
+        length = samplers.loop_length(self.scheduler, self.pipe.scheduler.config, req.steps)
+        return check_for_model(req, self.facts, loop_length=length, key_steps=spec)
+
+    def _config(self, req: ImageRequest):
+        from .config import FasterDiffusionConfig
+
+        spec, rescale = self.key_steps_spec(req)
+        return FasterDiffusionConfig(
+            key_steps=spec, mode=req.mode, rescale_key_steps=rescale, **self.engine_options
+        )
+
+    def key_steps_for(self, req: ImageRequest) -> list[int] | None:
+        """The key steps ``req`` runs with (None for mode 'off')."""
+        if req.mode == "off":
+            return None
+        from .schedule import resolve_key_steps
+
+        spec, rescale = self.key_steps_spec(req)
+        length = samplers.loop_length(self.scheduler, self.pipe.scheduler.config, req.steps)
+        return list(resolve_key_steps(spec, req.steps, length, allow_rescale=rescale))
+
+    def warmup(self) -> None:
+        """One short vanilla call (2 steps): first-call costs out of the way before timing."""
+        self._call(self.check(ImageRequest("warm-up", steps=2, mode="off")))
+
+    def run(self, req: ImageRequest) -> Result:
+        """One image on all ranks (collective; every rank passes the same request)."""
+        import distfd
+
+        req = self.check(req)
+        check_same_on_all_ranks(self.ctx, req.to_dict(), "requests")
+        key_steps = self.key_steps_for(req)
+        if req.mode == "off":
+            image, seconds = self._call(req)
+            return Result(image, seconds, None, {"collectives": 0, "bytes_sent": 0}, req)
+        handle = distfd.apply(self.pipe, self._config(req), context=self.ctx)
+        try:
+            image, seconds = self._call(req)
+            stats = handle.stats()
+        finally:
+            handle.remove()
+        return Result(image, seconds, key_steps, stats, req)
+
+    def _call(self, req: ImageRequest) -> tuple[Any, float]:
+        import torch
+
+        kw: dict[str, Any] = dict(
+            prompt=req.prompt,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            height=req.height,
+            width=req.width,
+        )
+        if req.negative_prompt is not None:
+            kw["negative_prompt"] = req.negative_prompt
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        cuda = self.ctx.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.ctx.device)
+        start = time.perf_counter()
+        image = self.pipe(generator=generator, **kw).images[0]
+        if cuda:
+            torch.cuda.synchronize(self.ctx.device)
+        return image, time.perf_counter() - start
+
+
+def model_facts_from_path(model: str | None) -> ModelFacts | None:
+    """Facts of a local pipeline folder (the embedded one for None); None for a hub id."""
+    path = Path(resolve_model(model))
+    if (path / "model_index.json").is_file():
+        return ModelFacts.from_folder(path)
+    return None
+
+
+__all__ = ["Result", "Session", "check_same_on_all_ranks", "model_facts_from_path", "resolve_model"]
