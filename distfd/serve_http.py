@@ -113,9 +113,9 @@ def build_app(
 
 
 class HttpServer:
-    """uvicorn on a socket bound up front (so a taken port fails before the model loads)."""
+    """uvicorn on a socket bound up front (so a taken port is known before the model loads)."""
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -125,18 +125,21 @@ class HttpServer:
             self.sock.close()
             raise OSError(f"cannot listen on {host}:{port} ({e}); choose another --port or --host.") from e
         self.host, self.port = host, self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, name="distfd-http", daemon=True
-        )
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, app: Starlette) -> None:
+        """Serve ``app`` from a daemon thread (uvicorn leaves signals alone off the main thread)."""
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="distfd-http", daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + START_WAIT_S
         while not self.server.started:
@@ -147,6 +150,7 @@ class HttpServer:
 
     def stop(self) -> None:
         """Finish the responses under way, then close."""
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        if self.server is not None and self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(timeout=10)
         self.sock.close()

@@ -120,4 +120,3 @@ class Service(Ranks):
                 return h
             time.sleep(0.02)
         raise AssertionError(f"/health never matched; last {h}")
-

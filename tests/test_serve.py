@@ -16,6 +16,8 @@ from PIL import Image
 
 pytest.importorskip("starlette")
 
+from distfd.cli import main  # noqa: E402
+
 from . import tiny  # noqa: E402
 from .servers import Ranks, Service, call  # noqa: E402
 
@@ -83,20 +85,27 @@ def test_concurrent_requests_all_answered_in_order_of_arrival(service):
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "cli_args", "message"),
     [
-        ({"seed": 1}, "prompt"),
-        ({"prompt": "a red circle", "steps": "ten"}, "steps"),
-        ({"prompt": "a red circle", "steps": 0}, "--steps must be >= 1"),
-        ({"prompt": "a red circle", "key_steps": [0, 1, 99]}, "99"),
-        ({"prompt": "a red circle", "height": 30}, "multiple of 8"),
-        ({"prompt": "a red circle", "colour": "red"}, "colour"),
+        ({"seed": 1}, None, "prompt is missing"),
+        ({"prompt": "a red circle", "steps": "ten"}, None, "steps must be an integer"),
+        ({"prompt": "a red circle", "colour": "red"}, None, "unknown field(s) 'colour'"),
+        ({"prompt": "a red circle", "steps": 0}, ["--steps", "0"], "steps must be >= 1"),
+        ({"prompt": "a red circle", "key_steps": [0, 1, 99]}, ["--key-steps", "0,1,99"], "99"),
+        ({"prompt": "a red circle", "height": 30}, ["--height", "30"], "multiple of 8"),
     ],
 )
-def test_bad_requests_get_400_and_the_service_goes_on(service, body, message):
+def test_bad_requests_get_400_with_the_cli_message_and_the_service_goes_on(
+    service, model_dir, tmp_path, capsys, body, cli_args, message
+):
     status, headers, answer = call(service.url, "/generate", body)
     assert status == 400 and headers["content-type"] == "application/json"
-    assert message in json.loads(answer)["error"]
+    error = json.loads(answer)["error"]
+    assert message in error
+    if cli_args is not None:  # the same request on the command line: the same message
+        argv = ["generate", "--model", str(model_dir), *TINY, *cli_args, "--out", str(tmp_path / "x.png")]
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"distfd generate: error: {error}"
     assert call(service.url, "/generate", REQUEST)[0] == 200
 
 

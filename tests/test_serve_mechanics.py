@@ -77,8 +77,8 @@ class Service:
         self.dispatcher = Dispatcher(queue_size)
         self.metrics = Metrics(self.dispatcher.depth, 1)
         app = build_app(self.dispatcher, self.metrics, validate, {"world_size": 1, "model": "fake"})
-        self.http = HttpServer(app, "127.0.0.1", 0)
-        self.http.start()
+        self.http = HttpServer("127.0.0.1", 0)
+        self.http.start(app)
         loop = RankLoop(DistContext.single(), self.session, self.stop, self.dispatcher, self.metrics)
         self.code: int | None = None
         self.thread = threading.Thread(target=lambda: setattr(self, "code", loop.serve()), daemon=True)
