@@ -71,6 +71,9 @@ def build_app(
         return response
 
     async def _generate(request: Request) -> Response:
+        if dispatcher.state != "serving":  # loading, stopping or failed: say why, whatever the body
+            retry = {"Retry-After": "5"} if dispatcher.state == "loading" else None
+            return _error(503, dispatcher.reason, retry)
         try:
             data = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -86,7 +89,7 @@ def build_app(
         except QueueFull as e:
             return _error(503, str(e), {"Retry-After": str(dispatcher.retry_after_s())})
         except Unavailable as e:
-            return _error(503, str(e), {"Retry-After": "5"} if dispatcher.state == "loading" else None)
+            return _error(503, str(e))
         try:
             result = await asyncio.wrap_future(job.future)
         except Unavailable as e:
@@ -94,10 +97,9 @@ def build_app(
         except Exception as e:  # noqa: BLE001 - reported to the client; the service goes on
             return _error(500, f"generation failed: {type(e).__name__}: {e}")
         png = await run_in_threadpool(_png, result.image)
-        headers = {
-            "X-Generation-Seconds": f"{result.seconds:.6f}",
-            "X-Key-Steps": ",".join(str(k) for k in result.key_steps) if result.key_steps else "all",
-        }
+        headers = {"X-Generation-Seconds": f"{result.seconds:.6f}"}
+        if result.key_steps is not None:  # None: mode 'off', the vanilla pipeline
+            headers["X-Key-Steps"] = ",".join(str(k) for k in result.key_steps)
         return Response(png, media_type="image/png", headers=headers)
 
     async def prometheus(request: Request) -> Response:

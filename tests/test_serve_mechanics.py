@@ -215,6 +215,21 @@ def test_an_error_in_one_request_is_a_500_and_the_service_goes_on(service):
     assert call(url, "/generate", {"seed": 2})[0] == 200
 
 
+def test_while_loading_health_and_generate_answer_503_with_the_reason():
+    dispatcher = Dispatcher(2)
+    app = build_app(dispatcher, Metrics(dispatcher.depth, 2), validate, {"world_size": 2, "model": "m"})
+    http = HttpServer("127.0.0.1", 0)
+    http.start(app)
+    try:
+        status, _, body = call(http.url, "/health")
+        assert status == 503 and json.loads(body)["status"] == "loading"
+        status, headers, body = call(http.url, "/generate", {"prompt": "x"})
+        assert status == 503 and headers["retry-after"] == "5"
+        assert "loading" in json.loads(body)["error"]
+    finally:
+        http.stop()
+
+
 def test_heartbeat_is_well_inside_the_collective_timeout():
     assert serve_loop.tick_seconds(300) == 5.0
     assert serve_loop.tick_seconds(8) == 2.0
