@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,13 +297,16 @@ def _pair(v: Any) -> tuple[int, int] | None:
 
 
 def check_for_model(
-    req: ImageRequest, facts: ModelFacts, loop_length: int | None = None, key_steps: Any = None
+    req: ImageRequest,
+    facts: ModelFacts,
+    loop_length: int | Callable[[int], int] | None = None,
+    key_steps: Any = None,
 ) -> ImageRequest:
     """The model-dependent checks; returns the request with both sides of the size filled in.
 
-    ``loop_length`` is the number of denoiser calls the sampling loop makes for ``req.steps`` (from
-    the scheduler; :func:`distfd.samplers.loop_length`), ``key_steps`` the key steps that will run
-    (``req.key_steps`` or the default); both are checked only when given.
+    ``loop_length`` is the number of denoiser calls the sampling loop makes for ``req.steps``, or a
+    function of the step count giving it (:func:`distfd.samplers.loop_length`); ``key_steps`` the key
+    steps that will run (``req.key_steps`` or the default); they are checked only when both are given.
     """
     if req.steps > facts.num_train_timesteps:
         raise ValueError(
@@ -327,6 +330,8 @@ def check_for_model(
                 f"and the pipeline's check of 8); use {lo if lo >= m else hi} or {hi}."
             )
     spec = req.key_steps if key_steps is None else key_steps
+    if callable(loop_length):
+        loop_length = loop_length(req.steps)  # also refuses a step count the scheduler cannot run
     if loop_length is not None and req.mode != "off" and spec is not None:
         from .schedule import resolve_key_steps
 

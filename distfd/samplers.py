@@ -44,8 +44,29 @@ def set_scheduler(pipe: Any, name: str) -> None:
     pipe.scheduler = build(name, pipe.scheduler.config)
 
 
-def loop_length(name: str, config: Mapping[str, Any], steps: int) -> int:
-    """How many denoiser calls the sampling loop makes for ``steps`` (PNDM makes one more)."""
+def _timesteps(name: str, config: Mapping[str, Any], steps: int) -> int:
     sched = build(name, config)
     sched.set_timesteps(steps)
     return len(sched.timesteps)
+
+
+def min_steps(name: str, config: Mapping[str, Any], upto: int = 20) -> int:
+    """The fewest sampling steps the scheduler can run (PNDM with its Runge-Kutta warm-up needs 4)."""
+    for steps in range(1, upto + 1):
+        try:
+            _timesteps(name, config, steps)
+            return steps
+        except (ValueError, IndexError):
+            continue
+    return upto
+
+
+def loop_length(name: str, config: Mapping[str, Any], steps: int) -> int:
+    """How many denoiser calls the sampling loop makes for ``steps`` (PNDM makes more); a step
+    count the scheduler cannot run is a ValueError saying the smallest it can."""
+    try:
+        return _timesteps(name, config, steps)
+    except (ValueError, IndexError) as e:
+        raise ValueError(
+            f"the {name} scheduler cannot run {steps} step(s) ({e}); use steps >= {min_steps(name, config)}."
+        ) from e

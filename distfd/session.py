@@ -147,15 +147,8 @@ class Session:
         return pipe
 
     def default_key_steps(self, steps: int) -> tuple[str, bool]:
-        """(key steps, rescale) when a request gives none: the embedded model's calibrated set for this
-        scheduler and step count where one ships, else the paper's preset for the scheduler rescaled."""
-        if self.model is None:
-            from .embedded import calibrated_key_steps
-
-            path = calibrated_key_steps("dpm" if self.scheduler == "dpm++" else self.scheduler, steps)
-            if path:
-                return str(path), False
-        return ("sd-dpm-20" if self.scheduler.startswith("dpm") else "sd-ddim-50"), True
+        """(key steps, rescale) for a request that gives none; see :func:`default_key_steps`."""
+        return default_key_steps(self.model, self.scheduler, steps)
 
     def key_steps_spec(self, req: ImageRequest) -> tuple[Any, bool]:
         if req.key_steps is not None:
@@ -167,8 +160,10 @@ class Session:
         if not isinstance(req, ImageRequest):
             raise TypeError(f"expected an ImageRequest; got {type(req).__name__}.")
         spec, _ = self.key_steps_spec(req)
-        length = samplers.loop_length(self.scheduler, self.pipe.scheduler.config, req.steps)
-        return check_for_model(req, self.facts, loop_length=length, key_steps=spec)
+        return check_for_model(req, self.facts, loop_length=self._loop_length, key_steps=spec)
+
+    def _loop_length(self, steps: int) -> int:
+        return samplers.loop_length(self.scheduler, self.pipe.scheduler.config, steps)
 
     def _config(self, req: ImageRequest):
         from .config import FasterDiffusionConfig
@@ -185,12 +180,18 @@ class Session:
         from .schedule import resolve_key_steps
 
         spec, rescale = self.key_steps_spec(req)
-        length = samplers.loop_length(self.scheduler, self.pipe.scheduler.config, req.steps)
-        return list(resolve_key_steps(spec, req.steps, length, allow_rescale=rescale))
+        return list(resolve_key_steps(spec, req.steps, self._loop_length(req.steps), allow_rescale=rescale))
 
     def warmup(self) -> None:
-        """One short vanilla call (2 steps): first-call costs out of the way before timing."""
-        self._call(self.check(ImageRequest("warm-up", steps=2, mode="off")))
+        """One short vanilla call (2 steps, or the scheduler's minimum): first-call costs out of the
+        way before timing."""
+        config = dict(getattr(self.pipe, "_progress_bar_config", {}))
+        self.pipe.set_progress_bar_config(**{**config, "disable": True})
+        try:
+            steps = max(2, samplers.min_steps(self.scheduler, self.pipe.scheduler.config))
+            self._call(self.check(ImageRequest("warm-up", steps=steps, mode="off")))
+        finally:
+            self.pipe._progress_bar_config = config
 
     def run(self, req: ImageRequest) -> Result:
         """One image on all ranks (collective; every rank passes the same request)."""
@@ -233,6 +234,19 @@ class Session:
         return image, time.perf_counter() - start
 
 
+def default_key_steps(model: str | None, scheduler: str, steps: int) -> tuple[str, bool]:
+    """(key steps, rescale) when a request gives none: on the embedded model (``model`` None) its
+    calibrated set for this scheduler and step count where one ships, else the paper's preset for the
+    scheduler (``sd-dpm-20`` for DPM-Solver++, ``sd-ddim-50`` otherwise) rescaled to ``steps``."""
+    if model is None:
+        from .embedded import calibrated_key_steps
+
+        path = calibrated_key_steps("dpm" if scheduler == "dpm++" else scheduler, steps)
+        if path:
+            return str(path), False
+    return ("sd-dpm-20" if scheduler.startswith("dpm") else "sd-ddim-50"), True
+
+
 def model_facts_from_path(model: str | None) -> ModelFacts | None:
     """Facts of a local pipeline folder (the embedded one for None); None for a hub id."""
     path = Path(resolve_model(model))
@@ -241,4 +255,11 @@ def model_facts_from_path(model: str | None) -> ModelFacts | None:
     return None
 
 
-__all__ = ["Result", "Session", "check_same_on_all_ranks", "model_facts_from_path", "resolve_model"]
+__all__ = [
+    "Result",
+    "Session",
+    "check_same_on_all_ranks",
+    "default_key_steps",
+    "model_facts_from_path",
+    "resolve_model",
+]

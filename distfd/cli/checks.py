@@ -1,0 +1,130 @@
+"""Checks that run before the ranks load anything: output paths, model folder, device, vocabulary.
+
+Each raises :class:`UsageError` with one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .options import UsageError
+
+logger = logging.getLogger("distfd")
+
+# "owner/name" as the Hugging Face hub spells a repository id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def image_format(path: Path) -> str:
+    """The PIL format for ``path``'s extension, or a UsageError listing the usual ones."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(
+            f"cannot write images as {path.suffix or 'files without an extension'!s} ({path}); "
+            "use .png, .jpg, .webp, .bmp or .tiff."
+        )
+    return fmt
+
+
+def writable_dir(directory: Path, what: str) -> None:
+    """Create ``directory`` if needed and prove a file can be written in it."""
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{what} {directory} exists and is not a directory; choose another path.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".distfd-check-"):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"cannot write in {what} {directory} ({e.strerror or e}); choose a writable location."
+        ) from e
+
+
+def check_output_file(path: Path) -> str:
+    """``--out``: a known image format in a directory that exists or can be created, writable."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a directory; give a file name such as {path / 'out.png'}.")
+    fmt = image_format(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"--out {path} exists and is not writable; choose another path.")
+    writable_dir(path.parent if str(path.parent) else Path("."), "the directory of --out")
+    return fmt
+
+
+def check_model(model: str | None) -> Path | None:
+    """A local pipeline folder (returned) or a hub id (None); anything else is refused."""
+    if model is None:
+        try:
+            from ..embedded import default_model_path
+        except ImportError as e:  # a trimmed install
+            raise UsageError(f"no --model given and the embedded model is not installed ({e}).") from e
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise UsageError(
+                f"--model {model} has no model_index.json, so it is not a diffusers pipeline folder; "
+                "give a folder written by save_pretrained() or a hub id such as owner/name."
+            )
+        return path
+    if _HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+        return None
+    raise UsageError(f"--model {model}: no such folder, and not a hub id (owner/name); check the path.")
+
+
+def check_device(device: str) -> None:
+    """'auto', 'cpu', 'cuda', 'cuda:N', 'mps' that exist on this machine."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {device!r} is not a device name; use auto, cpu, cuda or cuda:N.") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA GPU is available here; use --device cpu.")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(
+                f"--device {device}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})."
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {device}: MPS is not available here; use --device cpu.")
+    elif dev.type != "cpu":
+        raise UsageError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda.")
+
+
+def unknown_words(text: str | None) -> list[str]:
+    """Words of ``text`` outside the embedded model's caption vocabulary, in order, once each."""
+    if not text:
+        return []
+    from ..embedded.scenes import VOCABULARY
+
+    known = set(VOCABULARY)
+    seen: list[str] = []
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if word not in known and word not in seen:
+            seen.append(word)
+    return seen
+
+
+def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -> None:
+    """On the embedded model: a warning naming the words it never saw in training."""
+    words = unknown_words(prompt) + [w for w in unknown_words(negative) if w not in unknown_words(prompt)]
+    if words:
+        logger.warning(
+            "%sthe embedded model does not know %s; it only knows its training captions' words "
+            "(README, 'The embedded default model'), so expect an image unrelated to the prompt.",
+            where,
+            ", ".join(repr(w) for w in words),
+        )

@@ -1,0 +1,260 @@
+"""distfd generate: one image (optionally timed against vanilla), or a batch from a prompts file.
+
+Order of work: every argument is checked (request, output path, model folder, device, sizes against
+the model's configs) before the ranks join; the ranks then compare their arguments and anyone's
+failed check, so all of them stop together; only then is the pipeline loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from . import checks
+from .options import (
+    HelpFormatter,
+    UsageError,
+    add_common_options,
+    add_request_options,
+    add_session_options,
+    context_from_args,
+    rank_from_env,
+    request_from_args,
+    session_from_args,
+    session_kwargs,
+    world_from_env,
+)
+
+logger = logging.getLogger("distfd")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    g = subparsers.add_parser(
+        "generate",
+        help="make one image (or a batch from --prompts-file) with FasterDiffusion or vanilla",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
+    )
+    add_request_options(g)
+    add_session_options(g)
+    out = g.add_argument_group("output")
+    out.add_argument("--out", type=Path, default=Path("out.png"), help="image file (one image)")
+    out.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time the vanilla pipeline with the same seed: each method's first (cold) call, "
+        "then --reps calls of each, interleaved",
+    )
+    out.add_argument("--reps", type=int, default=3, help="timed calls per method with --compare")
+    batch = g.add_argument_group("batch (one image per line of a prompts file)")
+    batch.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=None,
+        help="one prompt per line, or JSON objects with per-image fields (prompt, negative_prompt, "
+        "seed, steps, guidance_scale, height, width, key_steps, mode); the options above are defaults",
+    )
+    batch.add_argument("--out-dir", type=Path, default=None, help="where the PNGs and manifest.jsonl go")
+    add_common_options(g)
+    g.set_defaults(run=run)
+    return g
+
+
+def _up_front(args) -> tuple[Any, Path | None]:
+    """Every check that needs no loaded model; returns the request (sizes filled where known)."""
+    from ..request import ModelFacts, check_for_model
+
+    request = request_from_args(args)
+    if args.reps < 1:
+        raise UsageError(f"--reps must be >= 1; got {args.reps}.")
+    if args.prompts_file is not None:
+        if args.out_dir is None:
+            raise UsageError("--prompts-file needs --out-dir (where the images and manifest.jsonl go).")
+        if args.compare:
+            raise UsageError("--compare times one image; drop it with --prompts-file.")
+    if args.compare and request.mode == "off":
+        raise UsageError("--compare times distfd against vanilla; drop --mode off.")
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise UsageError(f"--prompts-file {args.prompts_file}: no such file.")
+        if rank_from_env() == 0:
+            checks.writable_dir(args.out_dir, "--out-dir")
+    elif args.out_dir is not None:
+        raise UsageError("--out-dir is for --prompts-file; for one image use --out FILE.")
+    elif rank_from_env() == 0:
+        checks.check_output_file(args.out)
+    folder = checks.check_model(args.model)
+    checks.check_device(args.device)
+    if args.model is None and args.prompts_file is None:
+        checks.warn_vocabulary(request.prompt, request.negative_prompt)
+    if folder is None:  # a hub id: the model's checks run once it is loaded
+        return request, None
+    try:
+        facts = ModelFacts.from_folder(folder)
+        from .. import samplers
+
+        length = None
+        if facts.scheduler_config is not None:
+
+            def length(steps: int) -> int:
+                return samplers.loop_length(args.scheduler, facts.scheduler_config, steps)
+
+        spec = request.key_steps
+        if spec is None and request.mode != "off":
+            from ..session import default_key_steps
+
+            spec = default_key_steps(args.model, args.scheduler, request.steps)[0]
+        request = check_for_model(request, facts, loop_length=length, key_steps=spec)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from e
+    return request, folder
+
+
+def _join(args, problem: str | None):
+    """Join the ranks; every rank learns of any rank's failed check and of differing arguments."""
+    from ..session import check_same_on_all_ranks
+
+    ctx = context_from_args(args)
+    try:
+        if ctx.world_size > 1:
+            problems = ctx.all_gather_object(problem)
+            bad = [(r, p) for r, p in enumerate(problems) if p]
+            if bad:
+                rank, text = bad[0]
+                raise UsageError(text if rank == ctx.rank else f"rank {rank} refused the arguments: {text}")
+            fingerprint = {**request_from_args(args).to_dict(), **session_kwargs(args)}
+            fingerprint.update(prompts_file=str(args.prompts_file) if args.prompts_file else None)
+            check_same_on_all_ranks(ctx, fingerprint, "arguments")
+    except BaseException:
+        ctx.close()
+        raise
+    return ctx
+
+
+def run(args) -> int:
+    problem = None
+    try:
+        request, _ = _up_front(args)
+    except UsageError as e:
+        if world_from_env() == 1:
+            raise
+        problem, request = str(e), None
+    ctx = _join(args, problem)
+    try:
+        batch = args.prompts_file is not None
+        session = session_from_args(args, ctx, step_progress=not batch)
+        if batch:
+            from .batch import run_batch
+
+            return run_batch(session, args)
+        try:
+            request = session.check(request)  # a hub model's checks, now that it is loaded
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from e
+        if args.compare:
+            return _compare(session, request, args)
+        session.warmup()
+        result = session.run(request)
+        if ctx.is_main:
+            save_image(result.image, args.out)
+            print(_summary(session, result, args))
+        return 0
+    finally:
+        ctx.close()
+
+
+def save_image(image, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    fmt = checks.image_format(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _header(session, req, args) -> str:
+    ctx = session.ctx
+    return (
+        f"wrote {args.out}  ({req.width}x{req.height}, {req.steps} steps {args.scheduler}, "
+        f"{ctx.world_size} rank(s) on {ctx.device})"
+    )
+
+
+def _comm(result) -> list[str]:
+    s = result.stats
+    lines = [
+        f"key steps {result.key_steps}; encoder passes {s['encoder_passes']}, decoder passes "
+        f"{s['decoder_passes']}, collectives {s['collectives']}, sent by rank 0 "
+        f"{fmt_bytes(s['bytes_sent'])} per image"
+    ]
+    if s.get("bytes_per_key_step"):
+        lines.append(
+            "bytes per key step (rank 0): "
+            + ", ".join(f"{k}: {fmt_bytes(v)}" for k, v in s["bytes_per_key_step"].items())
+        )
+    return lines
+
+
+def _summary(session, result, args) -> str:
+    req = result.request
+    label = "vanilla" if req.mode == "off" else f"distfd {req.mode}"
+    lines = [_header(session, req, args), f"{label}: {result.seconds:.3f} s (one call after a warm-up)"]
+    if req.mode != "off":
+        lines += _comm(result)
+    return "\n".join(lines)
+
+
+def _compare(session, request, args) -> int:
+    """Vanilla against distfd on the same seed: cold first calls apart, then interleaved reps."""
+    import dataclasses
+
+    ctx = session.ctx
+    fast = request if request.mode != "off" else dataclasses.replace(request, mode="parallel")
+    vanilla = dataclasses.replace(fast, mode="off", key_steps=None)
+    methods = {"vanilla": vanilla, f"distfd {fast.mode}": fast}
+    cold = {name: session.run(req).seconds for name, req in methods.items()}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    last = None
+    for rep in range(args.reps):
+        order = list(methods) if rep % 2 == 0 else list(reversed(methods))
+        for name in order:
+            result = session.run(methods[name])
+            times[name].append(result.seconds)
+            if name != "vanilla":
+                last = result
+    if not ctx.is_main:
+        return 0
+    save_image(last.image, args.out)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    lines = [_header(session, fast, args), f"seconds per image, median of {args.reps} calls (range):"]
+    for name, t in times.items():
+        lines.append(f"  {name:<16} {med[name]:8.3f} s  ({min(t):.3f} .. {max(t):.3f})")
+    v, f = med["vanilla"], med[f"distfd {fast.mode}"]
+    ratio = v / f if f > 0 else float("inf")
+    lines.append(
+        f"  distfd took {f / v:.0%} of vanilla's time: {ratio:.2f}x as fast"
+        if ratio >= 1
+        else f"  distfd took {f / v:.0%} of vanilla's time: slower here, {1 / ratio:.2f}x vanilla's time"
+    )
+    lines.append(
+        "first (cold) calls, not in the figures above: "
+        + ", ".join(f"{name} {s:.3f} s" for name, s in cold.items())
+    )
+    lines += _comm(last)
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,100 @@
+"""Shared by the command-line tests: a tiny saved pipeline, subprocess environments, rank spawning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from . import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+# Few steps on the tiny pipeline (32x32 images); key steps valid for every scheduler's loop.
+TINY_RUN = ["--steps", "6", "--key-steps", "0,2", "--timeout", "60"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny.sd().save_pretrained(path)
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This checkout's distfd, one thread per process, the test interpreter's tools first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Exit:
+    rank: int
+    returncode: int | None  # None: still running at the deadline (then killed)
+    elapsed_s: float
+    output: str
+
+
+def spawn_ranks(argvs: list[list[str]], port: int, wait_s: float, **env_extra: str) -> list[Exit]:
+    """Start ``python -m distfd ARGV`` per rank the way an ``srun`` recipe does (RANK/WORLD_SIZE/
+    MASTER_* in the environment, no launcher); each rank's exit code and time to exit."""
+    world = len(argvs)
+    procs = []
+    start = time.monotonic()
+    for rank, argv in enumerate(argvs):
+        env = subprocess_env(
+            SLURM_PROCID=str(rank),
+            SLURM_NTASKS=str(world),
+            SLURM_LOCALID=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **env_extra,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "distfd", *argv],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    exits: dict[int, Exit] = {}
+    while len(exits) < world:
+        now = time.monotonic() - start
+        for rank, proc in enumerate(procs):
+            if rank in exits:
+                continue
+            if proc.poll() is not None or now > wait_s:
+                killed = proc.poll() is None
+                if killed:
+                    proc.kill()
+                out = proc.communicate()[0]
+                exits[rank] = Exit(rank, None if killed else proc.returncode, now, out)
+        time.sleep(0.05)
+    return [exits[r] for r in range(world)]
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def assert_same_image(got: Path, ref: Path, tol: int = 2) -> None:
+    """Same size, and every channel within ``tol`` levels: N ranks batch the decoder rows differently
+    from one process, so float rounding may move a pixel by a level."""
+    a, b = pixels(got), pixels(ref)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    diff = int(np.abs(a - b).max())
+    assert diff <= tol, f"{got} differs from {ref} by up to {diff} levels"

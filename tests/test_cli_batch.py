@@ -1,0 +1,126 @@
+"""Batch jobs: a prompts file on one loaded pipeline, bad lines skipped, resume after a kill, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distfd.cli import main
+
+from . import cli_helpers
+from .cli_helpers import assert_same_image, pixels, subprocess_env
+
+model_dir = cli_helpers.model_dir  # the shared fixture
+
+pytestmark = pytest.mark.timeout(300)
+
+ARGS = ["--steps", "6", "--key-steps", "0,2"]
+
+
+def manifest(out_dir: Path) -> list[dict]:
+    path = out_dir / "manifest.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_batch_lines_defaults_bad_lines_and_same_pixels_as_generate(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "\n".join(
+            [
+                "a red circle",  # 1: plain line, CLI defaults
+                '{"prompt": "a blue square", "seed": 3, "height": 48}',  # 2: JSON, width from the model
+                "# a comment",  # 3
+                '{"prompt": "x", "seed": "3"}',  # 4: wrong type
+                '{"prompt": "x", "sead": 3}',  # 5: unknown field
+                "{not json",  # 6
+                "",  # 7
+                '{"prompt": "a green circle", "mode": "off", "guidance_scale": 1}',  # 8: vanilla
+                '{"prompt": "x", "key_steps": [0, 9]}',  # 9: out of range for 6 steps
+            ]
+        )
+    )
+    out_dir = tmp_path / "out"
+    argv = ["generate", "--model", str(model_dir), *ARGS, "--prompts-file", str(prompts)]
+    assert main([*argv, "--out-dir", str(out_dir)]) == 0
+    text = capsys.readouterr().err
+    entries = manifest(out_dir)
+    assert [e["line"] for e in entries] == [1, 2, 8]
+    for e in entries:
+        assert (out_dir / e["file"]).is_file()
+        assert e["seconds"] > 0 and e["settings"]["scheduler"] == "ddim"
+    assert entries[0]["request"]["seed"] == 0 and entries[0]["key_steps"] == [0, 2]
+    assert entries[1]["request"]["height"] == 48 and entries[1]["request"]["width"] == 32
+    assert pixels(out_dir / entries[1]["file"]).shape == (48, 32, 3)
+    assert entries[2]["key_steps"] is None and entries[2]["request"]["mode"] == "off"
+    assert f"{prompts}:4: seed must be an integer" in text
+    assert f"{prompts}:5: unknown field(s) 'sead'" in text
+    assert f"{prompts}:6: not valid JSON" in text
+    assert f"{prompts}:9: key steps [9] are out of range" in text
+    assert "3 image(s)" in text and "4 bad line(s)" in text
+    # Line 2 is the image `distfd generate` makes with the same values.
+    single = tmp_path / "single.png"
+    argv = ["generate", "--model", str(model_dir), *ARGS, "--prompt", "a blue square", "--seed", "3"]
+    assert main([*argv, "--height", "48", "--out", str(single)]) == 0
+    assert_same_image(out_dir / entries[1]["file"], single, tol=0)
+
+
+def _start(model_dir: Path, prompts: Path, out_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "distfd", "generate", "--model", str(model_dir), "--steps", "30"]
+    cmd += ["--key-steps", "0,5", "--prompts-file", str(prompts), "--out-dir", str(out_dir)]
+    return subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait_for_entries(proc: subprocess.Popen, out_dir: Path, n: int, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while len(manifest(out_dir)) < n:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no image listed in time"
+        time.sleep(0.05)
+
+
+def test_batch_stops_on_sigterm_and_resumes_after_a_kill(model_dir, tmp_path):
+    n = 12
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(json.dumps({"prompt": "a red circle", "seed": i}) for i in range(n)))
+    out_dir = tmp_path / "out"
+
+    # 1. SIGTERM (Slurm preemption): the image in progress is finished and listed, then a clean exit.
+    proc = _start(model_dir, prompts, out_dir)
+    _wait_for_entries(proc, out_dir, 1)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "finishing the current image" in output and "a rerun resumes" in output
+    assert "Traceback" not in output
+    first = manifest(out_dir)
+    assert 1 <= len(first) < n
+
+    # 2. A kill (SIGKILL) while images are being made: the rerun picks up from the manifest.
+    proc = _start(model_dir, prompts, out_dir)
+    _wait_for_entries(proc, out_dir, len(first) + 1)
+    proc.kill()
+    proc.communicate(timeout=60)
+    second = manifest(out_dir)
+    assert len(first) < len(second) < n, "the kill came too late to test a resume"
+    assert [e["line"] for e in second[: len(first)]] == [e["line"] for e in first]
+    before = {e["file"]: (out_dir / e["file"]).stat().st_mtime_ns for e in second}
+
+    # 3. The rerun makes only what is missing; each line is listed once; no temporary file is left.
+    proc = _start(model_dir, prompts, out_dir)
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert f"{len(second)} already done, {n - len(second)} to make" in output
+    done = manifest(out_dir)
+    assert sorted(e["line"] for e in done) == list(range(1, n + 1))
+    for name, mtime in before.items():
+        assert (out_dir / name).stat().st_mtime_ns == mtime  # not redone
+    assert not list(out_dir.glob(".*.tmp"))
+    assert len(list(out_dir.glob("*.png"))) == n
