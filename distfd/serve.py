@@ -78,6 +78,7 @@ def _listen(args):
 
 def run(args) -> int:
     """Serve until SIGTERM/SIGINT (exit 0 on every rank) or a lost rank (exit 1 on every rank)."""
+    from .cli import checks
     from .request import ImageRequest
     from .serve_loop import Dispatcher, RankLoop, StopFlag
 
@@ -103,7 +104,10 @@ def run(args) -> int:
             session_box: list = []
 
             def validate(data: dict):
-                return session_box[0].check(ImageRequest.from_mapping(data, defaults))
+                req = session_box[0].check(ImageRequest.from_mapping(data, defaults))
+                if args.model is None:
+                    checks.warn_vocabulary(req.prompt, req.negative_prompt, where="a request: ")
+                return req
 
             info = {"world_size": ctx.world_size, "model": args.model or "embedded:tiny-shapes"}
             http.start(build_app(dispatcher, metrics, validate, info))

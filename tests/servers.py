@@ -1,5 +1,6 @@
-"""Start ``distfd serve`` on N gloo ranks on CPU (as srun does: one process per rank), talk to it over
-real HTTP on 127.0.0.1, and end it; every wait is bounded."""
+"""Start ``distfd serve`` on N gloo ranks on CPU, one process per rank with the environment ``srun``
+gives (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and MASTER_* as launch/slurm/serve.sbatch exports),
+talk to it over real HTTP on 127.0.0.1, and end it; every wait is bounded."""
 
 from __future__ import annotations
 
@@ -31,21 +32,22 @@ def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict, byte
 
 
 class Ranks:
-    """``python -m distfd <command> ARGS`` on ``world`` ranks with RANK/WORLD_SIZE/MASTER_* set."""
+    """``python -m distfd <command> ARGS`` on ``world`` ranks as ``srun`` starts them."""
 
     def __init__(self, command: list[str], log_dir: Path, world: int = 2) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         master = str(free_port())
         self.logs = [log_dir / f"rank{r}.log" for r in range(world)]
         self.procs: list[subprocess.Popen] = []
+        clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         for rank in range(world):
             env = {
-                **os.environ,
+                **clean,
                 "PYTHONPATH": str(ROOT),
                 "OMP_NUM_THREADS": "1",
-                "RANK": str(rank),
-                "LOCAL_RANK": str(rank),
-                "WORLD_SIZE": str(world),
+                "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank),
+                "SLURM_NTASKS": str(world),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": master,
             }
@@ -95,19 +97,9 @@ class Service(Ranks):
         super().__init__(["serve", "--port", str(self.port), *args], log_dir, world)
 
     def wait_ready(self, limit_s: float = 180.0) -> dict:
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                raise AssertionError(f"a rank exited before the service was ready\n{self.results()}")
-            try:
-                status, _, body = call(self.url, "/health")
-                if status == 200:
-                    self.started = time.monotonic()
-                    return json.loads(body)
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the service was not ready within {limit_s}s\n{self.results()}")
+        health = wait_ready(self.url, self.procs, limit_s, self.results)
+        self.started = time.monotonic()
+        return health
 
     def health(self) -> dict:
         return json.loads(call(self.url, "/health")[2])
@@ -120,3 +112,19 @@ class Service(Ranks):
                 return h
             time.sleep(0.02)
         raise AssertionError(f"/health never matched; last {h}")
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen], limit_s: float, describe=lambda: "") -> dict:
+    """Poll /health until it answers 200; fail at once if a process exits first."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a process exited before the service was ready\n{describe()}")
+        try:
+            status, _, body = call(url, "/health")
+            if status == 200:
+                return json.loads(body)
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the service was not ready within {limit_s}s\n{describe()}")

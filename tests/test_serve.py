@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +22,8 @@ pytest.importorskip("starlette")
 from distfd.cli import main  # noqa: E402
 
 from . import tiny  # noqa: E402
-from .servers import Ranks, Service, call  # noqa: E402
+from .multirank import free_port  # noqa: E402
+from .servers import ROOT, Ranks, Service, call, wait_ready  # noqa: E402
 
 TINY = ["--steps", "10", "--key-steps", "0,1,3,6", "--height", "32", "--width", "32"]
 TIMEOUT_S = 10  # the collective timeout of these services: a lost rank must end them within it
@@ -170,6 +174,30 @@ def test_sigterm_finishes_the_request_in_flight_and_answers_the_queued_with_503(
         assert codes == [0, 0], s.results()
     finally:
         s.kill()
+
+
+def test_torchrun_recipe_serves_and_stops_on_sigterm(service, model_dir, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = ["bash", str(ROOT / "launch" / "serve-torchrun.sh"), "2", "--model", str(model_dir), *TINY]
+    cmd += ["--port", str(port), "--timeout", str(TIMEOUT_S)]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's torchrun
+    env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        assert wait_ready(url, [proc], 180, log.read_text)["world_size"] == 2
+        status, _, png = call(url, "/generate", REQUEST)
+        assert status == 200 and png == call(service.url, "/generate", REQUEST)[2]
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert "stopping (signal 15)" in text and "lost a rank" not in text, text[-3000:]
 
 
 def test_idle_service_outlives_the_collective_timeout(service):
