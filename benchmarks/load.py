@@ -32,12 +32,12 @@ sys.path[:0] = [str(ROOT)]
 
 from benchmarks.sysinfo import host_facts  # noqa: E402
 
-# In the embedded model's vocabulary (shapes, colours, positions).
+# Captions in the embedded model's vocabulary (distfd.embedded.scenes).
 PROMPTS = [
     "a small red circle at the top left on a blue background",
-    "a big green square in the middle on a white background",
-    "a yellow triangle at the bottom right on a black background",
-    "a small blue circle at the bottom left on a yellow background",
+    "a large green square in the centre on a white background",
+    "a small yellow triangle at the bottom right on a black background",
+    "a large blue circle at the bottom left on a yellow background",
 ]
 
 
