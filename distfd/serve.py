@@ -83,12 +83,11 @@ def run(args) -> int:
     from .serve_loop import Dispatcher, RankLoop, StopFlag
 
     defaults = _up_front(args)
-    stop = StopFlag()
-    # Every rank waits for rank 0's stop message, so the request in flight finishes on all of them.
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     http, problem = _listen(args) if rank_from_env() == 0 else (None, None)
     ctx = context_from_args(args)
+    session = None
     code = 1
+    previous: dict = {}
     try:
         problems = ctx.all_gather_object(problem)
         if problems[0]:
@@ -100,25 +99,26 @@ def run(args) -> int:
 
             dispatcher = Dispatcher(args.queue_size)
             metrics = Metrics(dispatcher.depth, ctx.world_size)
-            # /health answers "loading" (503) while the pipeline loads.
-            session_box: list = []
 
             def validate(data: dict):
-                req = session_box[0].check(ImageRequest.from_mapping(data, defaults))
+                # Only called while serving, so after the session below exists.
+                req = session.check(ImageRequest.from_mapping(data, defaults))
                 if args.model is None:
                     checks.warn_vocabulary(req.prompt, req.negative_prompt, where="a request: ")
                 return req
 
             info = {"world_size": ctx.world_size, "model": args.model or "embedded:tiny-shapes"}
-            http.start(build_app(dispatcher, metrics, validate, info))
+            http.start(build_app(dispatcher, metrics, validate, info))  # /health: "loading" till ready
         session = session_from_args(args, ctx)
         try:
             defaults = session.check(defaults)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from e
         session.warmup()
-        if ctx.is_main:
-            session_box.append(session)
+        # From here SIGTERM/SIGINT only set a flag: every rank waits for rank 0's stop message, so the
+        # request in flight finishes on all of them. (While loading, they stop the process as usual.)
+        stop = StopFlag()
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         code = RankLoop(ctx, session, stop, dispatcher, metrics).serve()
         return code
     finally:

@@ -179,10 +179,11 @@ class RankLoop:
     def _lead(self) -> int:
         d = self.dispatcher
         assert d is not None
+        # A first tick: every rank has loaded, warmed up and entered its loop before requests come in.
+        peer_stop = self._exchange(("tick", None))
+        last_sent = time.monotonic()
         d.set_state("serving")
         logger.info("serving on %d rank(s); heartbeat every %.1fs", self.ctx.world_size, self.tick_s)
-        last_sent = time.monotonic()
-        peer_stop = False
         while not (self.stop or peer_stop):
             job = d.next_job(POLL_S)
             if job is None:
