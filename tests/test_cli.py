@@ -43,7 +43,12 @@ def test_generate_compare_prints_median_range_and_cold_calls(model_dir, tmp_path
     assert Image.open(out).size == (32, 32)
     text = capsys.readouterr().out
     assert "median of 2 calls (range)" in text
-    assert "vanilla" in text and "distfd parallel" in text and "of vanilla's time" in text
+    assert (
+        "vanilla" in text
+        and "distfd parallel" in text
+        and "speed-up: " in text
+        and "of vanilla's time)" in text
+    )
     assert "first (cold) calls, not in the figures above" in text
     assert "key steps [0, 2]; encoder passes 2" in text
 
@@ -197,10 +202,21 @@ def test_vocabulary_warning_names_unknown_words(caplog):
     assert unknown_words("a small red circle at the top left on a blue background") == []
     assert unknown_words("a photo of a red fox, a red FOX") == ["photo", "of", "fox"]
     with caplog.at_level("WARNING", logger="distfd"):
-        warn_vocabulary("a yellow background", None)
+        warn_vocabulary("A small red circle at the top left on a blue background.", None)
+        warn_vocabulary(
+            "a large cyan triangle in the centre and a small red square at the bottom right on a white background"
+        )
         assert not caplog.records
         warn_vocabulary("a photo of a red fox", None)
-    assert "'photo', 'of', 'fox'" in caplog.text
+        assert "does not know 'photo', 'of', 'fox'" in caplog.text
+        caplog.clear()
+        warn_vocabulary("a yellow background", None)
+        assert (
+            "'yellow' is not one of its background colours (black, gray, white, blue, green)" in caplog.text
+        )
+        caplog.clear()
+        warn_vocabulary("a red circle", None)
+        assert "not in the form of its training captions" in caplog.text
 
 
 def test_help_is_plain_shows_defaults_and_is_fast():
@@ -229,3 +245,19 @@ def test_local_rank_before_the_subcommand_is_accepted(model_dir, no_load, capsys
     # The deepspeed launcher's form: python -m distfd --local_rank=0 generate ...
     assert main(["--local_rank=0", "generate", "--model", str(model_dir), "--steps", "0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
+
+
+def test_plain_run_prints_no_warnings(tmp_path):
+    # The README's main job, shortened: the embedded model, its default prompt, one process.
+    cmd = [sys.executable, "-W", "default", "-m", "distfd", "generate", "--steps", "4", "--key-steps", "0,2"]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "a.png")],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    noise = [line for line in proc.stderr.splitlines() if "warn" in line.lower() or "torchvision" in line]
+    assert not noise, noise
+    assert "wrote" in proc.stdout

@@ -161,22 +161,22 @@ def test_shipped_key_steps_are_the_calibration_result(pipe):
     recipe = json.loads(path.read_text())["calibration"]
     prompts, _ = sample_captions(recipe["num_prompts"], recipe["prompt_seed"])
     cal = distfd.calibrate(
-        pipe, 50, budget=recipe["budget"], prompts=prompts, seed=recipe["seed"], guidance_scale=recipe["guidance_scale"]
+        pipe,
+        50,
+        budget=recipe["budget"],
+        prompts=prompts,
+        seed=recipe["seed"],
+        guidance_scale=recipe["guidance_scale"],
     )
     assert shipped.num_steps == 50 and cal.key_steps == shipped.key_steps
 
 
 def test_cli_defaults_to_the_calibrated_set_on_the_embedded_model():
-    from argparse import Namespace
-
-    from distfd.cli import _default_key_steps
     from distfd.embedded import calibrated_key_steps
+    from distfd.session import default_key_steps
 
-    assert _default_key_steps(Namespace(model=None, scheduler="ddim", steps=50)) == (
-        str(calibrated_key_steps("ddim", 50)),
-        False,
-    )
+    assert default_key_steps(None, "ddim", 50) == (str(calibrated_key_steps("ddim", 50)), False)
     # No calibrated set for this step count, or another model: the paper's preset, rescaled.
-    assert _default_key_steps(Namespace(model=None, scheduler="ddim", steps=20)) == ("sd-ddim-50", True)
-    assert _default_key_steps(Namespace(model="some/model", scheduler="ddim", steps=50)) == ("sd-ddim-50", True)
-    assert _default_key_steps(Namespace(model=None, scheduler="dpm", steps=20)) == ("sd-dpm-20", True)
+    assert default_key_steps(None, "ddim", 20) == ("sd-ddim-50", True)
+    assert default_key_steps("some/model", "ddim", 50) == ("sd-ddim-50", True)
+    assert default_key_steps(None, "dpm", 20) == ("sd-dpm-20", True)

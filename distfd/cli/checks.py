@@ -118,13 +118,50 @@ def unknown_words(text: str | None) -> list[str]:
     return seen
 
 
+def caption_problem(text: str) -> str | None:
+    """Why ``text`` is not a caption of the kind the embedded model was trained on (None if it is)."""
+    from ..embedded import scenes
+
+    def alt(names) -> str:
+        return "(" + "|".join(re.escape(n) for n in names) + ")"
+
+    where = f"(at the {alt(p for p in scenes.POSITION_NAMES if p != 'centre')}|in the centre)"
+    obj = f"a {alt(scenes.SIZE_NAMES)} {alt(scenes.COLOUR_NAMES)} {alt(scenes.SHAPES)} {where}"
+    pattern = f"{obj}( and {obj})? on a {alt(scenes.BACKGROUND_NAMES)} background"
+    normal = " ".join(re.findall(r"[a-z]+", text.lower()))
+    if re.fullmatch(pattern, normal):
+        return None
+    background = re.search(r"(\w+) background", normal)
+    if background and background.group(1) not in scenes.BACKGROUND_NAMES:
+        return (
+            f"{background.group(1)!r} is not one of its background colours "
+            f"({', '.join(scenes.BACKGROUND_NAMES)})"
+        )
+    return "it is not in the form of its training captions"
+
+
 def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -> None:
-    """On the embedded model: a warning naming the words it never saw in training."""
+    """On the embedded model: a warning naming the words it never saw in training, or saying how a
+    prompt of known words differs from its captions."""
     words = unknown_words(prompt) + [w for w in unknown_words(negative) if w not in unknown_words(prompt)]
+    example = "'a small red circle at the top left on a blue background'"
     if words:
         logger.warning(
-            "%sthe embedded model does not know %s; it only knows its training captions' words "
-            "(README, 'The embedded default model'), so expect an image unrelated to the prompt.",
+            "%sthe embedded model does not know %s; it knows only the words of its training captions "
+            "(README, 'The embedded default model'), e.g. %s. Expect an image unrelated to the prompt.",
             where,
             ", ".join(repr(w) for w in words),
+            example,
+        )
+        return
+    problem = caption_problem(prompt)
+    if problem:
+        logger.warning(
+            "%sthe prompt %r is made of words the embedded model knows, but %s; it was trained only on "
+            "captions such as %s (README, 'The embedded default model'). Expect an image unrelated "
+            "to the prompt.",
+            where,
+            prompt,
+            problem,
+            example,
         )

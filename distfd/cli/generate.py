@@ -146,7 +146,7 @@ def run(args) -> int:
     ctx = _join(args, problem)
     try:
         batch = args.prompts_file is not None
-        session = session_from_args(args, ctx, step_progress=not batch)
+        session = session_from_args(args, ctx, step_progress=not (batch or args.compare))
         if batch:
             from .batch import run_batch
 
@@ -246,11 +246,8 @@ def _compare(session, request, args) -> int:
         lines.append(f"  {name:<16} {med[name]:8.3f} s  ({min(t):.3f} .. {max(t):.3f})")
     v, f = med["vanilla"], med[f"distfd {fast.mode}"]
     ratio = v / f if f > 0 else float("inf")
-    lines.append(
-        f"  distfd took {f / v:.0%} of vanilla's time: {ratio:.2f}x as fast"
-        if ratio >= 1
-        else f"  distfd took {f / v:.0%} of vanilla's time: slower here, {1 / ratio:.2f}x vanilla's time"
-    )
+    verdict = "faster" if ratio >= 1 else "slower"
+    lines.append(f"  speed-up: {ratio:.2f}x ({verdict}: distfd took {f / v:.0%} of vanilla's time)")
     lines.append(
         "first (cold) calls, not in the figures above: "
         + ", ".join(f"{name} {s:.3f} s" for name, s in cold.items())

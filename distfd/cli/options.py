@@ -172,7 +172,26 @@ def configure_logging(args: argparse.Namespace) -> None:
     prefix = f"[rank {rank}] " if world_from_env() > 1 else ""
     logging.basicConfig(level=level, format=f"{prefix}%(message)s", stream=sys.stderr, force=True)
     if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_RepeatedRunNotice())
         quiet_third_party()
+
+
+class _RepeatedRunNotice(logging.Filter):
+    """The engine logs its plan at every run; in a batch or a --compare say each plan once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or record.module != "engine":
+            return True
+        text = record.getMessage()
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
 
 
 def quiet_third_party() -> None:

@@ -1,0 +1,117 @@
+"""Every launch recipe in launch/ with 2 CPU processes gives the 1-process image; a taken MASTER_PORT
+ends every rank within --timeout; ranks started with different arguments are stopped before loading."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from distfd.cli import main
+
+from . import cli_helpers
+from .cli_helpers import ROOT, TINY_RUN, assert_same_image, spawn_ranks, subprocess_env
+from .multirank import free_port
+
+model_dir = cli_helpers.model_dir  # the shared fixture
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory) -> Path:
+    """The image of one process."""
+    out = tmp_path_factory.mktemp("ref") / "one.png"
+    assert main(["generate", "--model", str(model_dir), *TINY_RUN, "--out", str(out)]) == 0
+    return out
+
+
+def _recipe(script: str, model_dir: Path, out: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / script),
+        "2",
+        "--model",
+        str(model_dir),
+        *TINY_RUN,
+        "--out",
+        str(out),
+    ]
+    return subprocess.run(
+        cmd, env=subprocess_env(MASTER_PORT=str(free_port())), capture_output=True, text=True, timeout=240
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "tool"),
+    [("torchrun.sh", "torchrun"), ("accelerate.sh", "accelerate"), ("deepspeed.sh", "deepspeed")],
+)
+def test_launcher_recipe_two_cpu_processes_give_the_one_process_image(
+    model_dir, reference, tmp_path, script, tool
+):
+    if tool == "deepspeed":
+        pytest.importorskip("deepspeed", reason="the deepspeed launcher is the optional [deepspeed] extra")
+    env_path = subprocess_env()["PATH"]
+    if shutil.which(tool, path=env_path) is None:
+        pytest.skip(f"{tool} is not installed")
+    out = tmp_path / "two.png"
+    proc = _recipe(script, model_dir, out)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "2 rank(s)" in proc.stdout and "collectives" in proc.stdout
+    assert_same_image(out, reference)
+
+
+def test_srun_style_environment_gives_the_one_process_image(model_dir, reference, tmp_path):
+    # What launch/slurm/generate-srun.sbatch does: one task per rank, SLURM_* and MASTER_* set.
+    out = tmp_path / "srun.png"
+    argv = ["generate", "--model", str(model_dir), *TINY_RUN, "--out", str(out)]
+    exits = spawn_ranks([argv, argv], free_port(), wait_s=240)
+    for e in exits:
+        assert e.returncode == 0, e.output[-3000:]
+    assert "2 rank(s)" in exits[0].output
+    assert not [e.output for e in exits if "warn" in e.output.lower()]
+    assert_same_image(out, reference)
+
+
+def test_taken_master_port_ends_every_rank_within_the_timeout(model_dir, tmp_path):
+    timeout = 10
+    with socket.socket() as holder:  # another process's server on MASTER_PORT
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(16)
+        port = holder.getsockname()[1]
+        argv = ["generate", "--model", str(model_dir), *TINY_RUN, "--timeout", str(timeout)]
+        argv += ["--out", str(tmp_path / "x.png")]
+        # Without the bound, rank 1 waits for the handshake forever; 90 s is far past the timeout.
+        exits = spawn_ranks([argv, argv], port, wait_s=90)
+    for e in exits:
+        assert e.returncode not in (0, None), f"rank {e.rank} exit {e.returncode}: {e.output[-2000:]}"
+        assert "Traceback" not in e.output
+        assert f"{port}" in e.output and f"rank {e.rank}/2 could not start" in e.output
+    assert "already in use" in exits[0].output
+    assert "no rendezvous" in exits[1].output and f"within {timeout}s" in exits[1].output
+    # Each process exits within the timeout plus its own start-up (imports take seconds here).
+    assert max(e.elapsed_s for e in exits) < timeout + 40, [e.elapsed_s for e in exits]
+
+
+def test_ranks_with_different_arguments_are_stopped_before_loading(model_dir, tmp_path):
+    base = ["generate", "--model", str(model_dir), *TINY_RUN, "--out", str(tmp_path / "x.png")]
+    exits = spawn_ranks(
+        [[*base, "--seed", "1"], [*base, "--seed", "2", "--guidance-scale", "3"]], free_port(), 120
+    )
+    for e in exits:
+        assert e.returncode == 1, e.output[-2000:]
+        assert "DistributedError: the ranks were given different arguments" in e.output
+        assert "seed: rank 0 has 1, rank 1 has 2" in e.output
+        assert "guidance_scale: rank 0 has 7.5, rank 1 has 3.0" in e.output
+        assert "Traceback" not in e.output
+
+
+def test_a_check_failing_on_one_rank_stops_all_ranks_with_exit_2(model_dir, tmp_path):
+    base = ["generate", "--model", str(model_dir), *TINY_RUN, "--out", str(tmp_path / "x.png")]
+    exits = spawn_ranks([base, [*base, "--height", "44"]], free_port(), 120)
+    assert [e.returncode for e in exits] == [2, 2], [e.output[-1500:] for e in exits]
+    assert "rank 1 refused the arguments: height 44 is not a multiple of 8" in exits[0].output
+    assert "height 44 is not a multiple of 8" in exits[1].output
