@@ -153,8 +153,10 @@ def test_full_queue_gets_503_with_retry_after_and_fifo_order(service):
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(call, url, "/generate", {"seed": 1})
         assert service.session.started.wait(WAIT_S)  # seed 1 is in flight
-        queued = [pool.submit(call, url, "/generate", {"seed": s}) for s in (2, 3)]
-        wait_for(lambda: service.dispatcher.depth() == 2)
+        queued = []
+        for depth, seed in enumerate((2, 3), start=1):  # one after the other: a known arrival order
+            queued.append(pool.submit(call, url, "/generate", {"seed": seed}))
+            wait_for(lambda d=depth: service.dispatcher.depth() == d)
         status, headers, body = call(url, "/generate", {"seed": 4})
         assert status == 503 and "queue is full" in json.loads(body)["error"]
         assert int(headers["retry-after"]) >= 1
