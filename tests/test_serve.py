@@ -74,7 +74,7 @@ def test_same_pixels_as_generate(service, model_dir, tmp_path):
     assert png == out.read_bytes()  # the same PNG, byte for byte
 
 
-def test_concurrent_requests_all_answered_in_order_of_arrival(service):
+def test_concurrent_requests_all_answered_and_the_same_as_alone(service):
     bodies = [{"prompt": "a blue square", "seed": s % 3} for s in range(6)]
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: call(service.url, "/generate", b), bodies))
@@ -114,12 +114,17 @@ def test_bad_requests_get_400_with_the_cli_message_and_the_service_goes_on(
     assert call(service.url, "/generate", REQUEST)[0] == 200
 
 
+# 100 steps: the request in flight lasts long enough (about a second) to queue two more behind it.
+
+
 def test_a_killed_rank_ends_the_service_with_503_and_no_hang(model_dir, tmp_path):
-    s = Service(["--model", str(model_dir), *TINY, "--steps", "40", "--timeout", str(TIMEOUT_S)], tmp_path)
+    s = Service(["--model", str(model_dir), *TINY, "--steps", "100", "--timeout", str(TIMEOUT_S)], tmp_path)
     try:
         s.wait_ready()
         with ThreadPoolExecutor(3) as pool:
-            waiting = [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}) for k in range(3)]
+            waiting = [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": 0})]
+            s.wait_health(lambda h: h["in_flight"] == 1)  # the first one is in flight
+            waiting += [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}) for k in (1, 2)]
             s.wait_health(lambda h: h["in_flight"] == 1 and h["queue"] == 2)
             s.signal(signal.SIGKILL, [1])
             answers = [f.result(TIMEOUT_S * 3) for f in waiting]
@@ -153,11 +158,13 @@ def test_a_killed_rank_0_ends_the_other_ranks_with_an_error(model_dir, tmp_path)
 def test_sigterm_finishes_the_request_in_flight_and_answers_the_queued_with_503(
     model_dir, tmp_path, signalled
 ):
-    s = Service(["--model", str(model_dir), *TINY, "--steps", "40", "--timeout", str(TIMEOUT_S)], tmp_path)
+    s = Service(["--model", str(model_dir), *TINY, "--steps", "100", "--timeout", str(TIMEOUT_S)], tmp_path)
     try:
         s.wait_ready()
         with ThreadPoolExecutor(3) as pool:
-            waiting = [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}) for k in range(3)]
+            waiting = [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": 0})]
+            s.wait_health(lambda h: h["in_flight"] == 1)  # the first one is in flight
+            waiting += [pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}) for k in (1, 2)]
             s.wait_health(lambda h: h["in_flight"] == 1 and h["queue"] == 2)
             s.signal(signal.SIGTERM, signalled)  # torchrun and scancel signal every rank
             answers = [f.result(TIMEOUT_S * 3) for f in waiting]
