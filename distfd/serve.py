@@ -1,18 +1,20 @@
 """distfd serve: load the pipeline once on every rank, then answer image requests over HTTP.
 
 Rank 0 listens (127.0.0.1:8000 by default) and queues requests, first in, first out; each request is
-handed to every rank and run exactly as `distfd generate` runs it (the same Session). The generate
+handed to every rank and run exactly as distfd generate runs it (the same Session). The generate
 options are the defaults of every request. Routes: GET /health, POST /generate (a JSON body with any
 of prompt, negative_prompt, seed, steps, guidance_scale, height, width, key_steps, mode; answers
 image/png with the X-Generation-Seconds header), GET /metrics (Prometheus).
 
 SIGTERM or Ctrl-C: the request in flight finishes, the queued ones get 503, every rank exits 0.
 A lost rank: waiting and later requests get 503, every rank exits 1 within --timeout.
+Needs the serve extra: pip install 'distfd[serve]'.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 
@@ -56,6 +58,13 @@ def _up_front(args):
     """Checks before the ranks join: the default request, the service options, the model folder."""
     from .cli import checks
 
+    missing = [
+        m for m in ("starlette", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None
+    ]
+    if missing:
+        raise UsageError(
+            f"distfd serve needs {', '.join(missing)}; install the serve extra: pip install 'distfd[serve]'."
+        )
     defaults = request_from_args(args)
     if args.queue_size < 1:
         raise UsageError(f"--queue-size must be >= 1; got {args.queue_size}.")

@@ -237,3 +237,26 @@ def test_heartbeat_is_well_inside_the_collective_timeout():
     assert serve_loop.tick_seconds(8) == 2.0
     with pytest.raises(ValueError, match="--queue-size"):
         Dispatcher(0)
+
+
+def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys):
+    import importlib.util
+    import socket
+
+    from distfd.cli import main
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["serve", "--queue-size", "0"]) == 2
+    assert "--queue-size must be >= 1; got 0." in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "choose another --port" in err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m: None if m == "uvicorn" else real(m))
+    assert main(["serve"]) == 2
+    assert "pip install 'distfd[serve]'" in capsys.readouterr().err
