@@ -1,8 +1,7 @@
 """distfd: FasterDiffusion encoder propagation and parallel decoding across GPUs.
 
->>> handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps="sd-ddim-50", mode="parallel"))
->>> image = pipe(prompt, num_inference_steps=50).images[0]
->>> handle.remove()
+>>> with distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps="sd-ddim-50", mode="parallel")):
+...     image = pipe(prompt, num_inference_steps=50).images[0]
 
 The names below load on first use, so ``import distfd.cli`` (and ``distfd --help``) stay fast.
 """
@@ -18,26 +17,29 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "PRESETS": ".schedule",
+    "PRESETS": ".presets",
     "Calibration": ".autokey",
     "DistContext": ".runtime",
     "DistributedError": ".runtime",
     "FasterDiffusionConfig": ".config",
     "Handle": ".apply",
-    "Preset": ".schedule",
+    "KeySteps": ".keysteps",
+    "Preset": ".presets",
     "apply": ".apply",
     "calibrate": ".autokey",
-    "resolve_key_steps": ".schedule",
+    "is_applied": ".apply",
+    "resolve_key_steps": ".keysteps",
     "supported": ".adapters",
 }
 
 if TYPE_CHECKING:
     from .adapters import supported
-    from .apply import Handle, apply
+    from .apply import Handle, apply, is_applied
     from .autokey import Calibration, calibrate
     from .config import FasterDiffusionConfig
+    from .keysteps import KeySteps, resolve_key_steps
+    from .presets import PRESETS, Preset
     from .runtime import DistContext, DistributedError
-    from .schedule import PRESETS, Preset, resolve_key_steps
 
 
 def __getattr__(name: str) -> Any:
@@ -72,10 +74,12 @@ __all__ = [
     "DistributedError",
     "FasterDiffusionConfig",
     "Handle",
+    "KeySteps",
     "Preset",
     "__version__",
     "apply",
     "calibrate",
+    "is_applied",
     "resolve_key_steps",
     "supported",
 ]

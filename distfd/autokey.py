@@ -20,7 +20,9 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import find_adapter
-from .schedule import save_preset_file
+from .apply import is_applied
+from .keysteps import save_preset_file
+from .validate import positive_int
 
 logger = logging.getLogger("distfd")
 
@@ -179,7 +181,7 @@ def record_encoder_drift(
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Run the vanilla pipeline once; return the ``(L, L)`` encoder drift, the encoder FLOP share and the
     loop's timesteps."""
-    if getattr(pipe, "_distfd_handle", None) is not None:
+    if is_applied(pipe):
         raise RuntimeError("calibrate() needs the vanilla pipeline; call handle.remove() first.")
     adapter, model = find_adapter(pipe)
     modules = adapter.encoder_modules(model)
@@ -244,12 +246,7 @@ def calibrate(
     """
     if (budget is None) == (target_speedup is None):
         raise ValueError("give exactly one of budget (number of key steps) or target_speedup.")
-    if (
-        isinstance(num_inference_steps, bool)
-        or not isinstance(num_inference_steps, int)
-        or num_inference_steps < 1
-    ):
-        raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}.")
+    positive_int("num_inference_steps", num_inference_steps)
     if budget is not None and budget > num_inference_steps:
         raise ValueError(
             f"budget {budget} exceeds the {num_inference_steps} sampling steps; use at most {num_inference_steps}."

@@ -35,45 +35,28 @@ def _type_name(v: Any) -> str:
 
 
 def parse_key_steps_text(text: str) -> str | tuple[int, ...]:
-    """A CLI value: '0,1,5' -> (0, 1, 5); anything else (preset name, 'uniform-K', .json) unchanged."""
+    """A CLI value: '0,1,5' -> (0, 1, 5); anything else (preset name, 'uniform-K', .json) unchanged.
+    Whether it is valid is :class:`~distfd.keysteps.KeySteps`'s to say, the same for every path."""
     parts = [p.strip() for p in text.split(",")]
-    if parts and all(p.lstrip("-").isdigit() for p in parts if p) and any(parts):
+    if any(parts) and all(p.isdigit() for p in parts if p):
         return tuple(int(p) for p in parts if p)
     return text
 
 
 def _check_key_steps(value: Any) -> str | tuple[int, ...] | None:
-    """The request's key steps: None (the default for the model, scheduler and steps), a preset name,
-    'uniform-K', a preset .json path, or 0-based loop indices including 0."""
+    """The request's key steps, checked by :meth:`distfd.keysteps.KeySteps.parse` (the rules every
+    way of giving them meets; a preset file is read here): None (the default for the model, scheduler
+    and steps), a preset name, 'uniform-K' or a .json path (kept as given), or loop indices (sorted)."""
     if value is None:
         return None
-    if isinstance(value, str):
-        if not value.strip():
-            raise ValueError(
-                "key_steps is an empty string; give a preset name (e.g. 'sd-ddim-50'), 'uniform-K', "
-                "a .json preset file, indices such as '0,1,5', or leave it out for the default."
-            )
-        from .schedule import check_spec
+    from .keysteps import KeySteps
 
-        check_spec(value)  # unknown preset names and unreadable files are refused here
-        return value
+    if isinstance(value, str):
+        KeySteps.parse(value)
+        return value.strip()
     if isinstance(value, list | tuple):
-        steps = list(value)
-        bad = [k for k in steps if not _is_int(k)]
-        if bad:
-            raise TypeError(f"key_steps must hold integers (0-based loop indices); got {bad[0]!r}.")
-        if not steps:
-            raise ValueError("key_steps is empty; give at least [0], or leave it out for the default.")
-        if any(k < 0 for k in steps):
-            raise ValueError(f"key_steps must be non-negative loop indices; got {steps}.")
-        dupes = sorted({k for k in steps if steps.count(k) > 1})
-        if dupes:
-            raise ValueError(f"key_steps has duplicates {dupes}; list each loop index once.")
-        if 0 not in steps:
-            raise ValueError(
-                f"key_steps {steps} lacks index 0: the encoder must run at the first step. Add 0."
-            )
-        return tuple(sorted(steps))
+        parsed = KeySteps.parse(list(value))
+        return tuple(parsed.indices)
     raise TypeError(
         f"key_steps must be a preset name, a .json path or a list of integers; got {_type_name(value)}."
     )
@@ -223,6 +206,7 @@ class ModelFacts:
         sample_size: The denoiser's default latent (height, width), or None if it has none.
         num_train_timesteps: The scheduler's training horizon (bounds ``steps``).
         scheduler_config: The scheduler's config (to count the sampling loop's steps), or None.
+        call_params: The pipeline's ``__call__`` parameter names, or None if unknown.
     """
 
     pipeline_class: str
@@ -230,6 +214,7 @@ class ModelFacts:
     sample_size: tuple[int, int] | None = None
     num_train_timesteps: int = 1000
     scheduler_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+    call_params: frozenset[str] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def size_multiple(self) -> int:
@@ -262,6 +247,7 @@ class ModelFacts:
             sample_size=_pair(denoiser.get("sample_size")) if denoiser else None,
             num_train_timesteps=int((sched or {}).get("num_train_timesteps", 1000)),
             scheduler_config=sched,
+            call_params=_call_params(str(index.get("_class_name", ""))),
         )
 
     @classmethod
@@ -275,7 +261,27 @@ class ModelFacts:
             sample_size=_pair(getattr(getattr(denoiser, "config", None), "sample_size", None)),
             num_train_timesteps=int(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000)),
             scheduler_config=dict(sched.config) if sched is not None else None,
+            call_params=_signature_names(type(pipe)),
         )
+
+
+def _signature_names(cls: type) -> frozenset[str] | None:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(cls.__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _call_params(class_name: str) -> frozenset[str] | None:
+    """The ``__call__`` parameters of the diffusers pipeline class called ``class_name`` (no weights)."""
+    try:
+        import diffusers
+
+        return _signature_names(getattr(diffusers, class_name))
+    except (ImportError, AttributeError):
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -308,6 +314,17 @@ def check_for_model(
     function of the step count giving it (:func:`distfd.samplers.loop_length`); ``key_steps`` the key
     steps that will run (``req.key_steps`` or the default); they are checked only when both are given.
     """
+    params = facts.call_params
+    if params is not None:
+        name = facts.pipeline_class
+        if "prompt" not in params:
+            raise ValueError(f"{name} does not take a text prompt; use a text-to-image pipeline.")
+        if req.negative_prompt and "negative_prompt" not in params:
+            raise ValueError(f"{name} does not take negative_prompt; drop it.")
+        if req.uses_guidance and "guidance_scale" not in params:
+            raise ValueError(
+                f"{name} does not take guidance_scale, so {req.guidance_scale:g} would be ignored; use 1."
+            )
     if req.steps > facts.num_train_timesteps:
         raise ValueError(
             f"steps {req.steps} exceeds the scheduler's {facts.num_train_timesteps} training timesteps; "
@@ -333,7 +350,7 @@ def check_for_model(
     if callable(loop_length):
         loop_length = loop_length(req.steps)  # also refuses a step count the scheduler cannot run
     if loop_length is not None and req.mode != "off" and spec is not None:
-        from .schedule import resolve_key_steps
+        from .keysteps import resolve_key_steps
 
         resolve_key_steps(spec, req.steps, loop_length, allow_rescale=req.key_steps is None)
     if (height, width) == (req.height, req.width):

@@ -177,7 +177,7 @@ class Session:
         """The key steps ``req`` runs with (None for mode 'off')."""
         if req.mode == "off":
             return None
-        from .schedule import resolve_key_steps
+        from .keysteps import resolve_key_steps
 
         spec, rescale = self.key_steps_spec(req)
         return list(resolve_key_steps(spec, req.steps, self._loop_length(req.steps), allow_rescale=rescale))
@@ -215,12 +215,11 @@ class Session:
         import torch
 
         kw: dict[str, Any] = dict(
-            prompt=req.prompt,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance_scale,
-            height=req.height,
-            width=req.width,
+            prompt=req.prompt, num_inference_steps=req.steps, height=req.height, width=req.width
         )
+        params = self.facts.call_params
+        if params is None or "guidance_scale" in params:
+            kw["guidance_scale"] = req.guidance_scale
         if req.negative_prompt is not None:
             kw["negative_prompt"] = req.negative_prompt
         generator = torch.Generator("cpu").manual_seed(req.seed)

@@ -135,8 +135,8 @@ def test_json_request_gets_the_same_message(session, argv, fields, message):
         ({"guidance_scale": False}, "guidance_scale must be a number"),
         ({"prompt": ""}, "prompt is empty"),
         ({"prompt": 3}, "prompt must be a string"),
-        ({"key_steps": [0, 2.5]}, "key_steps must hold integers"),
-        ({"key_steps": [0, True]}, "key_steps must hold integers"),
+        ({"key_steps": [0, 2.5]}, "key_steps must hold ints"),
+        ({"key_steps": [0, True]}, "key_steps must hold ints"),
         ({"mode": "fast"}, "mode must be one of propagate, parallel, off"),
         ({"sead": 1, "steps": 6}, "unknown field(s) 'sead'"),
     ],
@@ -258,6 +258,56 @@ def test_plain_run_prints_no_warnings(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    noise = [line for line in proc.stderr.splitlines() if "warn" in line.lower() or "torchvision" in line]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noise = [line for line in lines if "Warning" in line or "WARN" in line or "torchvision" in line]
     assert not noise, noise
     assert "wrote" in proc.stdout
+
+
+def test_model_facts_from_the_folder_match_the_loaded_pipeline(model_dir, session):
+    from distfd.request import ModelFacts
+
+    folder = ModelFacts.from_folder(model_dir)
+    assert folder == session.facts  # read from JSON configs alone, the same as from the loaded pipeline
+    assert folder.default_size() == (32, 32) and folder.size_multiple == 8
+    assert folder.call_params == session.facts.call_params and "negative_prompt" in folder.call_params
+
+
+@pytest.mark.parametrize(
+    ("params", "fields", "message"),
+    [
+        ({"class_labels", "guidance_scale"}, {}, "does not take a text prompt"),
+        ({"prompt"}, {"guidance_scale": 1.0}, None),
+        ({"prompt"}, {"guidance_scale": 5.0}, "does not take guidance_scale, so 5 would be ignored"),
+        ({"prompt", "guidance_scale"}, {"negative_prompt": "blur"}, "does not take negative_prompt"),
+    ],
+)
+def test_values_a_pipeline_would_ignore_are_refused(params, fields, message):
+    from distfd.request import ModelFacts, check_for_model
+
+    facts = ModelFacts("SomePipeline", 8, (64, 64), call_params=frozenset(params))
+    req = ImageRequest("a red circle", **fields)
+    if message is None:
+        assert check_for_model(req, facts).height == 512
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_for_model(req, facts)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [([5, 0, 2], None), ([0, -3, 5], "must be non-negative loop indices"), ([0, 2.7], "must hold ints")],
+)
+def test_preset_file_meets_the_list_rules_on_every_path(
+    model_dir, session, no_load, tmp_path, keys, message, capsys
+):
+    preset = tmp_path / "keys.json"
+    preset.write_text(json.dumps({"num_steps": 6, "key_steps": keys}))
+    if message is None:
+        req = ImageRequest.from_mapping({"prompt": "x", "key_steps": str(preset)}, ImageRequest("d", steps=6))
+        assert session.key_steps_for(session.check(req)) == [0, 2, 5]
+        return
+    code = main(["generate", "--model", str(model_dir), "--steps", "6", "--key-steps", str(preset)])
+    assert code == 2 and message in capsys.readouterr().err
+    with pytest.raises((ValueError, TypeError), match=message):
+        ImageRequest.from_mapping({"prompt": "x", "key_steps": str(preset)}, ImageRequest("d", steps=6))

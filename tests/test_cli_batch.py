@@ -124,3 +124,22 @@ def test_batch_stops_on_sigterm_and_resumes_after_a_kill(model_dir, tmp_path):
         assert (out_dir / name).stat().st_mtime_ns == mtime  # not redone
     assert not list(out_dir.glob(".*.tmp"))
     assert len(list(out_dir.glob("*.png"))) == n
+
+
+def test_batch_on_two_ranks_gives_the_one_process_images(model_dir, tmp_path):
+    from .cli_helpers import spawn_ranks
+    from .multirank import free_port
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a red circle\n{"prompt": "a blue square", "seed": 5}\n{"prompt": "x", "seed": -1}\n')
+    argv = ["generate", "--model", str(model_dir), *ARGS, "--prompts-file", str(prompts), "--timeout", "60"]
+    assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 0
+    exits = spawn_ranks([[*argv, "--out-dir", str(tmp_path / "two")]] * 2, free_port(), wait_s=180)
+    for e in exits:
+        assert e.returncode == 0, e.output[-3000:]
+    assert f"{prompts}:3: seed must be in 0 .. 2**64-1" in exits[0].output
+    one, two = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    assert [e["file"] for e in two] == [e["file"] for e in one] and len(two) == 2
+    assert all(e["world_size"] == 2 and e["bytes_sent"] > 0 for e in two)
+    for e in one:
+        assert_same_image(tmp_path / "two" / e["file"], tmp_path / "one" / e["file"])

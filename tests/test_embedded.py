@@ -108,7 +108,7 @@ def test_training_script_is_seeded_and_records_losses(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from distfd.embedded import train_pipeline
+    from benchmarks.embedded import train_pipeline
 
     def train(out, seed):
         argv = ["--out", str(out), "--seed", str(seed), "--n-scenes", "64", "--vae-steps", "2"]
@@ -153,20 +153,15 @@ def test_shipped_key_steps_are_the_calibration_result(pipe):
     """The calibrated set shipped for DDIM-50 is what its recorded calibration call gives."""
     import distfd
     from distfd.embedded import calibrated_key_steps
-    from distfd.schedule import load_preset_file
+    from distfd.keysteps import read_preset_file
 
     path = calibrated_key_steps("ddim", 50)
     assert path is not None and calibrated_key_steps("ddim", 49) is None
-    shipped = load_preset_file(path)
+    shipped = read_preset_file(path)
     recipe = json.loads(path.read_text())["calibration"]
     prompts, _ = sample_captions(recipe["num_prompts"], recipe["prompt_seed"])
     cal = distfd.calibrate(
-        pipe,
-        50,
-        budget=recipe["budget"],
-        prompts=prompts,
-        seed=recipe["seed"],
-        guidance_scale=recipe["guidance_scale"],
+        pipe, 50, budget=recipe["budget"], prompts=prompts, seed=recipe["seed"], guidance_scale=recipe["guidance_scale"]
     )
     assert shipped.num_steps == 50 and cal.key_steps == shipped.key_steps
 

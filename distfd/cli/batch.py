@@ -25,8 +25,8 @@ from typing import Any
 
 from ..request import ImageRequest
 from . import checks
-from .generate import save_image
 from .options import UsageError, request_from_args
+from .output import save_image
 
 logger = logging.getLogger("distfd")
 
@@ -115,9 +115,12 @@ class StopFlag:
         return self
 
     def _set(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
         if self.signal is None:
             logger.warning(
-                "received %s: finishing the current image, then stopping", signal.Signals(signum).name
+                "received %s: finishing the current image, then stopping (Ctrl-C again stops at once)",
+                signal.Signals(signum).name,
             )
         self.signal = signum
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from .options import (
     session_kwargs,
     world_from_env,
 )
+from .output import fmt_bytes, save_image
 
 logger = logging.getLogger("distfd")
 
@@ -165,26 +165,6 @@ def run(args) -> int:
         return 0
     finally:
         ctx.close()
-
-
-def save_image(image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    fmt = checks.image_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _header(session, req, args) -> str:
