@@ -19,6 +19,11 @@ Why gather rather than broadcast: it is the same single collective per message, 
 other than rank 0 that alone got SIGTERM ask for the clean stop (finish the request in flight, answer
 the queued ones with 503, exit 0) instead of dying and taking the service down with errors. torchrun
 and ``srun``/``scancel`` signal every rank at once; each rank waits for rank 0's ``stop``.
+
+An exception inside ``session.run`` other than :class:`DistributedError` (raised alike on every rank,
+e.g. by a check) answers that request with 500 and the service goes on. Raised on one rank only, it
+leaves the others inside a collective of the pipeline; they then fail within the timeout, and the
+service ends as for a lost rank.
 """
 
 from __future__ import annotations
