@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import generate
 
     generate.add_parser(sub)
+    from .. import serve
+
+    serve.add_parser(sub)
     return p
 
 
