@@ -8,8 +8,8 @@ With a compiled denoiser, distfd keeps its bookkeeping eager (which loop step, w
 scheduler hooks, the collectives) and compiles only the two passes, each as its own function with
 the user's own dynamo context (the backend, mode, options and ``dynamic`` given to
 ``torch.compile``). The stop at the last encoder module is a raise caught inside the compiled
-encoder function, which dynamo traces without a graph break. Each applied pipeline gets fresh code
-objects for its two functions, so their dynamo caches (and recompile limits) are distfd's alone.
+encoder function, which dynamo traces without a graph break. Every compiled function gets a code
+object of its own, so its dynamo cache (and recompile limit) holds distfd's graphs alone.
 
 Shapes: the encoder always sees the pipeline's rows; a decoder pass sees ``n`` rows, ``n`` fixed by
 the key-step group. By default every pass shape gets its own compiled function (own code object),
