@@ -144,14 +144,17 @@ def cuda_graphs_recorded(device: torch.device | int | None = None) -> int | None
     except ImportError:  # pragma: no cover
         return None
     index = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
-    manager = cudagraph_trees.get_manager(index.index or 0, create_if_none_exists=False)
-    if manager is None:
-        return 0
-    count, todo = 0, [n for nodes in manager.roots.values() for n in nodes]
-    while todo:
-        node = todo.pop()
-        count += 1
-        todo.extend(n for nodes in node.children.values() for n in nodes)
+    try:  # inductor internals: a reading, never a reason to fail
+        manager = cudagraph_trees.get_manager(index.index or 0, create_if_none_exists=False)
+        if manager is None:
+            return 0
+        count, todo = 0, [n for nodes in manager.roots.values() for n in nodes]
+        while todo:
+            node = todo.pop()
+            count += 1
+            todo.extend(n for nodes in node.children.values() for n in nodes)
+    except Exception:  # noqa: BLE001
+        return None
     return count
 
 
