@@ -116,8 +116,9 @@ def check_style(pipe, unet, style: str, args, config, reference: torch.Tensor, d
         latents, seconds = timed(pipe, args.steps, device)
         out["timed_call_s"] = seconds
         out["graphs_compiled_in_timed_call"] = graphs_compiled() - g0
-        if c0 is not None:
-            out["cuda_graphs_recorded_in_timed_call"] = cuda_graphs_recorded(device) - c0
+        c1 = cuda_graphs_recorded(device) if c0 is not None else None
+        if c1 is not None:
+            out["cuda_graphs_recorded_in_timed_call"] = c1 - c0
         out["graphs_total"] = graphs_compiled()
         out["graph_breaks"] = graph_breaks()
         out["recompiles"] = dict(counters["recompiles"])
@@ -125,8 +126,6 @@ def check_style(pipe, unet, style: str, args, config, reference: torch.Tensor, d
         out["reference_scale"] = float(reference.abs().max())
         if device.type == "cuda":
             out["sync_calls_per_image"] = count_syncs(pipe, args.steps)
-        run = handle.engine.run if hasattr(handle.engine, "run") else None
-        out["engine_run_after_call"] = None if run is None else str(type(run).__name__)
     finally:
         handle.remove()
         if style == "module":

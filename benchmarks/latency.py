@@ -164,7 +164,7 @@ def _warm_compiled(rec: dict[str, Any], run, args, device: torch.device) -> None
         seconds.append(time.perf_counter() - t0)
         g1, c1 = _compile_counts(device)
         graphs.append(g1 - g0)
-        cuda_graphs.append(None if c0 is None else c1 - c0)
+        cuda_graphs.append(None if c0 is None or c1 is None else c1 - c0)
     rec["compile_s"], rec["warmup_s"] = seconds[0], seconds[1:]
     rec["warmup_graphs"], rec["warmup_cuda_graphs"] = graphs, cuda_graphs
     log.info(
@@ -244,7 +244,10 @@ def timed_rep(rec: dict[str, Any], bench, args, opts: dict[str, Any], device: to
             inst.remove()
     if rec["name"] in M.COMPILED:
         g1, c1 = _compile_counts(device)
-        call["graphs_compiled"], call["cuda_graphs_recorded"] = g1 - g0, None if c0 is None else c1 - c0
+        call["graphs_compiled"], call["cuda_graphs_recorded"] = (
+            g1 - g0,
+            None if c0 is None or c1 is None else c1 - c0,
+        )
     if device.type == "cuda" and call["peak_memory_bytes"] is not None:
         # The method's own weights and resident memory (CUDA-graph pools) plus what the call added:
         # what a process holding only this pipeline would peak at (several variants share the GPU).
