@@ -126,6 +126,8 @@ def method_note(r: dict[str, Any], world: int) -> str:
         parts.append(f"compile {r['compile_s']:.1f} s, warm-up {warm} s, graphs {r['warmup_graphs']}")
         if any(c is not None for c in r["warmup_cuda_graphs"]):
             parts.append(f"CUDA graphs {r['warmup_cuda_graphs']}")
+        if r.get("cudagraph_skips"):
+            parts.append(f"**{r['cudagraph_skips']} graphs not captured as CUDA graphs**")
         if r.get("graphs_compiled_in_timed_calls"):
             parts.append(f"**{r['graphs_compiled_in_timed_calls']} graphs compiled in timed calls**")
     if world > 1 and r.get("flops"):
@@ -154,6 +156,9 @@ def _compile_counts(device: torch.device) -> tuple[int, int | None]:
 
 def _warm_compiled(rec: dict[str, Any], run, args, device: torch.device) -> None:
     """First call (compiles) and warm-up calls of a compiled method, each timed and counted."""
+    from torch._dynamo.utils import counters
+
+    skips0 = counters["inductor"]["cudagraph_skips"]
     seconds, graphs, cuda_graphs = [], [], []
     for _ in range(1 + max(0, args.compile_warmup)):
         g0, c0 = _compile_counts(device)
@@ -167,6 +172,8 @@ def _warm_compiled(rec: dict[str, Any], run, args, device: torch.device) -> None
         cuda_graphs.append(None if c0 is None or c1 is None else c1 - c0)
     rec["compile_s"], rec["warmup_s"] = seconds[0], seconds[1:]
     rec["warmup_graphs"], rec["warmup_cuda_graphs"] = graphs, cuda_graphs
+    # graphs inductor could not capture as CUDA graphs (they then run uncaptured)
+    rec["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips0
     log.info(
         "%s: first call %.1f s, then %s s; graphs %s, CUDA graphs %s",
         rec["name"],
