@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import calibrate_cmd
 from .samplers import SCHEDULERS, set_scheduler
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -23,6 +24,7 @@ def _key_steps(text: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distfd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    calibrate_cmd.add_parser(sub)
     g = sub.add_parser("generate", help="generate one image with FasterDiffusion (and optionally vanilla)")
     g.add_argument(
         "--model", default=None, help="diffusers pipeline path or hub id (default: the embedded model)"
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     level = (logging.DEBUG if args.verbose else logging.INFO) if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[rank {rank}] %(name)s: %(message)s")
+    if getattr(args, "run", None):  # subcommands in their own modules (calibrate)
+        return args.run(args)
     if args.command == "generate":
         return generate(args, parser)
     parser.error(f"unknown command {args.command}")

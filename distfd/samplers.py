@@ -7,7 +7,7 @@ from typing import Any
 # name -> (diffusers class, extra config)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
-    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    "dpm": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),  # DPM-Solver++ (multistep)
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
