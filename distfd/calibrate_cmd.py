@@ -177,16 +177,21 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def calibrate(args: argparse.Namespace, pipe: Any | None = None) -> Any:
-    """Run the calibration ``args`` describe (on ``pipe`` if given) and return the ``Calibration``."""
+    """Run the calibration ``args`` describe (on ``pipe`` if given, its scheduler set to ``--scheduler``)
+    and return the ``Calibration``."""
     import torch
 
     from .autokey import calibrate as run_calibration
+    from .samplers import set_scheduler
 
     check(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = prompts_for(args)
-    pipe = load(args) if pipe is None else pipe
+    if pipe is None:
+        pipe = load(args)
+    else:
+        set_scheduler(pipe, args.scheduler)
     kwargs = {k: getattr(args, k) for k in ("height", "width") if getattr(args, k) is not None}
     return run_calibration(
         pipe,
