@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.projection import Pieces, project, sequential_s
+from distfd.quality.report import short_name
 
 FAMILIES = ("vanilla", "calibrated", "drift", "uniform", "paper", "deepcache", "other")
 STYLE = {
@@ -268,7 +269,8 @@ def write(
     device = latency["host"]["cuda"]["device_name"] if latency else None
     arch = f"{latency['config']['arch']} {latency['config']['resolution']}px" if latency else ""
     label = (
-        f"end-to-end speed-up on {device}, {arch} (filled: measured; hollow: estimated from measured pieces)"
+        f"end-to-end speed-up on {device}, {arch}, distfd in parallel mode on one GPU "
+        "(filled: measured; hollow: estimated from measured pieces)"
         if latency
         else "no GPU latency results: speed-up unknown"
     )
@@ -299,16 +301,17 @@ def write(
 
     for p in sorted(pts, key=lambda p: p.speedup or 0):
         lines.append(
-            f"| {p.name} | {p.key_steps or '-'} | {f(p.speedup, '.2f')} | {p.speed_source} | "
+            f"| {short_name(p.name)} | {p.key_steps or '-'} | {f(p.speedup, '.2f')} | {p.speed_source} | "
             f"{f(p.flops_speedup, '.3f')} | {f(p.adherence, '.3f')} | {f(p.psnr, '.2f')} | {f(p.fd, '.1f')} |"
         )
     for metric, rows_ in checks.items():
         lines += ["", f"Front against DeepCache ({metric}):", ""]
         for c in rows_:
             verdict = "at or above" if c["at or above"] else "BELOW"
+            best = c["best distfd at >= that speed-up"]
             lines.append(
                 f"- {c['deepcache']} ({c['speedup']:.2f}x, {metric} {f(c[metric], '.3f')}): best distfd at least "
-                f"as fast is {c['best distfd at >= that speed-up']} ({f(c[f'its {metric}'], '.3f')}) -> {verdict}"
+                f"as fast is {short_name(best) if best else None} ({f(c[f'its {metric}'], '.3f')}) -> {verdict}"
             )
     md = out / f"{name}-speed.md"
     md.write_text("\n".join(lines) + "\n")
