@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["real scenes, same captions"] = ", ".join(f"{k} {v:.3f}" for k, v in real.items())
     cals = extras["calibrations"]
     if cals:
+        from distfd import resolve_key_steps
         from distfd.plots import plot_drift
-        from distfd.schedule import resolve_key_steps
 
         sets = {"paper": resolve_key_steps(meta["paper key steps"], args.steps, allow_rescale=True)}
         for key, cal in cals.items():
