@@ -28,6 +28,7 @@ from benchmarks.pieces import measure_pieces
 from benchmarks.projection import key_step_groups, projection_table
 from benchmarks.report import markdown, write_all
 from benchmarks.sysinfo import GpuSampler, host_facts
+from distfd.keysteps import KeySteps
 
 log = logging.getLogger("benchmarks.latency")
 DEFAULT_PRESET = {("ddim", 50): "sd-ddim-50", ("dpm", 20): "sd-dpm-20"}
@@ -65,19 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_key_steps(spec: str, steps: int) -> tuple[str | list[int], list[int]]:
+def resolve_key_steps(spec: str, steps: int) -> tuple[str, list[int]]:
     """(what to pass to distfd, the resolved loop indices)."""
-    parsed: str | list[int] = [int(x) for x in spec.split(",")] if spec[0].isdigit() else spec
-    try:
-        from distfd import resolve_key_steps as resolve
-
-        return parsed, list(resolve(parsed, steps))
-    except ImportError:
-        if isinstance(parsed, list):
-            return parsed, sorted(parsed)
-        if parsed.startswith("uniform-"):
-            return parsed, list(range(0, steps, int(parsed.removeprefix("uniform-"))))
-        raise ValueError(f"cannot resolve preset {spec!r} without distfd") from None
+    return spec, list(KeySteps.parse(spec).resolve(steps))
 
 
 def _flops_run(bench, run) -> tuple[int, int | None]:

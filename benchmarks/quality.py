@@ -11,7 +11,8 @@ or preset JSON, and ``deepcache-N``.
 Besides the table it writes ``<name>-speed.{png,md,json}``: quality against the end-to-end speed-up of
 each configuration on a GPU from the latency benchmark's JSON (``--latency``; default: the SD-1.5
 H200 results in benchmarks/results/gpu-h200 for the scheduler and step count), see
-``benchmarks/speed_quality.py``. ``--replot`` redraws those from an existing result JSON only.
+``benchmarks/speed_quality.py``. ``--replot`` redraws those from an existing result JSON only, adding
+the configurations of the result JSONs named by ``--also`` (runs on the same prompts and seeds).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pieces", help="latency JSON with projection pieces (default: the DDIM-50 H200 one)")
     p.add_argument(
         "--replot", action="store_true", help="only redraw the speed-quality files from <name>.json"
+    )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="with --replot: add this result JSON's rows (same prompts)",
     )
     args = p.parse_args(argv)
     try:
@@ -159,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         model = "embedded" if args.model == "embedded" else Path(args.model).name
         name = args.name or f"quality-{model}-{args.scheduler}-{args.steps}"
         rows = json.loads((Path(args.out) / f"{name}.json").read_text())["rows"]
+        for extra in args.also:
+            more = json.loads(Path(extra).read_text())["rows"]
+            rows += [r for r in more if r["name"] not in {x["name"] for x in rows}]
         for path in write_speed(args, name, rows):
             logger.info("wrote %s", path)
         return 0
@@ -198,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["real scenes, same captions"] = ", ".join(f"{k} {v:.3f}" for k, v in real.items())
     cals = extras["calibrations"]
     if cals:
+        from distfd import resolve_key_steps
         from distfd.plots import plot_drift
-        from distfd.schedule import resolve_key_steps
 
         sets = {"paper": resolve_key_steps(meta["paper key steps"], args.steps, allow_rescale=True)}
         for key, cal in cals.items():

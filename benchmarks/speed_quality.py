@@ -31,7 +31,7 @@ FAMILIES = ("vanilla", "calibrated", "drift", "uniform", "paper", "deepcache", "
 STYLE = {
     "calibrated": ("tab:red", "o", "distfd, calibrated (final image)"),
     "drift": ("tab:orange", "D", "distfd, calibrated (encoder drift)"),
-    "uniform": ("tab:blue", "s", "distfd, evenly spread"),
+    "uniform": ("tab:blue", "s", "distfd, evenly spread (even-K, uniform-K)"),
     "paper": ("tab:purple", "^", "distfd, paper's set"),
     "deepcache": ("tab:green", "v", "DeepCache, interval 2/3/5"),
     "vanilla": ("black", "*", "vanilla"),
@@ -61,7 +61,7 @@ def family(name: str, key_steps_file: Mapping[str, Any] | None = None) -> str:
     keys = name.split(":")[1] if ":" in name else "paper"
     if keys == "paper":
         return "paper"
-    if keys.startswith("even-"):
+    if keys.startswith(("even-", "uniform-")):  # K spread evenly, or every K-th step
         return "uniform"
     if keys in ("auto", "auto-sigma"):
         return "drift"

@@ -1,16 +1,16 @@
 """distfd: FasterDiffusion encoder propagation and parallel decoding across GPUs.
 
->>> handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps="sd-ddim-50", mode="parallel"))
->>> image = pipe(prompt, num_inference_steps=50).images[0]
->>> handle.remove()
+>>> with distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps="sd-ddim-50", mode="parallel")):
+...     image = pipe(prompt, num_inference_steps=50).images[0]
 """
 
 from .adapters import supported
-from .apply import Handle, apply
+from .apply import Handle, apply, is_applied
 from .autokey import Calibration, calibrate
 from .config import FasterDiffusionConfig
+from .keysteps import KeySteps, resolve_key_steps
+from .presets import PRESETS, Preset
 from .runtime import DistContext, DistributedError
-from .schedule import PRESETS, Preset, resolve_key_steps
 
 __version__ = "0.1.0"
 
@@ -21,10 +21,12 @@ __all__ = [
     "DistributedError",
     "FasterDiffusionConfig",
     "Handle",
+    "KeySteps",
     "Preset",
     "__version__",
     "apply",
     "calibrate",
+    "is_applied",
     "resolve_key_steps",
     "supported",
 ]

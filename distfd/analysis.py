@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import find_adapter
+from .apply import is_applied
 
 
 @dataclass
@@ -123,7 +124,7 @@ def analyse_features(
     **call_kwargs,
 ) -> FeatureAnalysis:
     """Run the vanilla pipeline once and trace every block's output (Sec. 3.2, Eq. 2, Fig. 2)."""
-    if getattr(pipe, "_distfd_handle", None) is not None:
+    if is_applied(pipe):
         raise RuntimeError("analyse_features() needs the vanilla pipeline; call handle.remove() first.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:

@@ -26,8 +26,10 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import find_adapter
+from .apply import is_applied
 from .keysearch import OBJECTIVES, Candidate, FinalLatentError, local_search, paper_set, uniform_set
-from .schedule import save_preset_file
+from .keysteps import save_preset_file
+from .validate import positive_int
 
 logger = logging.getLogger("distfd")
 
@@ -207,7 +209,7 @@ def record_vanilla(
     pipe: Any, num_inference_steps: int, prompts: Sequence[str], seed: int, **call_kwargs
 ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """:func:`record_encoder_drift` plus the run's final latents (prompt ``i`` with seed ``seed + i``)."""
-    if getattr(pipe, "_distfd_handle", None) is not None:
+    if is_applied(pipe):
         raise RuntimeError("calibrate() needs the vanilla pipeline; call handle.remove() first.")
     adapter, model = find_adapter(pipe)
     modules = adapter.encoder_modules(model)
@@ -288,12 +290,7 @@ def calibrate(
     """
     if (budget is None) == (target_speedup is None):
         raise ValueError("give exactly one of budget (number of key steps) or target_speedup.")
-    if (
-        isinstance(num_inference_steps, bool)
-        or not isinstance(num_inference_steps, int)
-        or num_inference_steps < 1
-    ):
-        raise ValueError(f"num_inference_steps must be a positive int; got {num_inference_steps!r}.")
+    positive_int("num_inference_steps", num_inference_steps)
     if budget is not None and budget > num_inference_steps:
         raise ValueError(
             f"budget {budget} exceeds the {num_inference_steps} sampling steps; use at most {num_inference_steps}."

@@ -15,12 +15,6 @@ from .samplers import SCHEDULERS, set_scheduler
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _key_steps(text: str):
-    if text.replace(",", "").replace(" ", "").isdigit():
-        return [int(k) for k in text.split(",") if k.strip()]
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distfd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -35,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     g.add_argument(
         "--key-steps",
-        type=_key_steps,
         default=None,
         help="preset name (sd-ddim-50, sd-dpm-20, uniform-K, ...), preset .json, or '0,1,2,5'; "
         "default: the paper's preset for the scheduler, rescaled to --steps (the embedded model: its "
@@ -152,15 +145,6 @@ def _generate(pipe, args, ctx):
     return image, time.perf_counter() - start
 
 
-def _describe(key_steps) -> str:
-    """Key steps as printed: a preset file also shows its indices."""
-    if isinstance(key_steps, str) and key_steps.endswith(".json"):
-        from .schedule import load_preset_file
-
-        return f"{list(load_preset_file(key_steps).key_steps)} from {key_steps}"
-    return str(key_steps)
-
-
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
@@ -201,7 +185,7 @@ def generate(args, parser) -> int:
                 lines.append(f"vanilla          : {vanilla_s:8.3f} s/image")
             if config is not None:
                 lines.append(
-                    f"distfd {config.mode:<10}: {fast_s:8.3f} s/image   key steps: {_describe(config.key_steps)}"
+                    f"distfd {config.mode:<10}: {fast_s:8.3f} s/image   key steps: {config.key_steps.describe()}"
                 )
                 if vanilla_s is not None:
                     lines.append(

@@ -21,14 +21,14 @@ def _checksum(t: torch.Tensor | None) -> tuple[float, float] | None:
 def fingerprint(
     config: FasterDiffusionConfig,
     key_steps: tuple[int, ...],
-    timesteps: torch.Tensor,
+    timesteps: tuple[float, ...],
     sample: torch.Tensor,
     cond: torch.Tensor | None,
 ) -> dict[str, Any]:
     """What must be equal on every rank for their shares to belong to the same image."""
     return {
         "step count": len(timesteps),
-        "timesteps": [float(timesteps[0]), float(timesteps[-1]), float(timesteps.double().sum())],
+        "timesteps": [timesteps[0], timesteps[-1], float(sum(timesteps))],
         "key steps": list(key_steps),
         "mode": config.mode,
         "encoder placement": config.encoder,

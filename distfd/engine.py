@@ -6,10 +6,15 @@ recorded), then a *decoder pass*: the same forward again on the rows of every st
 its encoder modules replaying the recorded features. Each row of that batch is one (step, input row)
 pair with the step's own timestep; the rows are shared out over the ranks and the predictions
 gathered, then served to the pipeline one step at a time, in loop order.
+
+All state of one sampling loop lives on a :class:`Run`, created at the loop's first denoiser call and
+dropped after its last scheduler update (or when the scheduler's timesteps are set again). Step
+bookkeeping reads a host copy of the timesteps taken once per run, so a step adds no device sync.
 """
 
 from __future__ import annotations
 
+import enum
 import inspect
 import logging
 from collections.abc import Callable
@@ -24,14 +29,26 @@ from .adapters import Adapter
 from .config import FasterDiffusionConfig
 from .consistency import check_agreement, fingerprint
 from .runtime import DistContext
-from .schedule import chunk_after, resolve_key_steps, shard
+from .schedule import chunk_after, shard
 
 logger = logging.getLogger("distfd")
 
 
-def _timestep_value(t) -> float:
-    """The timestep of a denoiser call as a number (pipelines pass a scalar, a 0-d or a (B,) tensor)."""
-    return float(torch.as_tensor(t).reshape(-1)[0])
+def host_timestep(t) -> float | None:
+    """A denoiser call's timestep as a number when that costs no device sync (else ``None``)."""
+    if isinstance(t, int | float):
+        return float(t)
+    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+        return float(t.reshape(-1)[0])
+    return None
+
+
+class Phase(enum.Enum):
+    """What the encoder module hooks do: run as usual, record their outputs, or replay them."""
+
+    IDLE = "idle"
+    RECORD = "record"  # encoder pass
+    REPLAY = "replay"  # decoder pass
 
 
 class _EncoderDone(Exception):
@@ -40,7 +57,7 @@ class _EncoderDone(Exception):
 
 @dataclass
 class Counters:
-    """What ran, for tests and summaries."""
+    """What ran, for tests and summaries (cumulative over runs)."""
 
     encoder_passes: int = 0
     decoder_passes: int = 0
@@ -53,89 +70,90 @@ class Counters:
 
 @dataclass
 class Run:
-    """State of one pipeline call's sampling loop."""
+    """State of one pipeline call's sampling loop; nothing of it outlives the loop."""
 
-    timesteps: torch.Tensor  # the loop's timesteps, (L,)
+    number: int  # runs started by this engine, numbering them for side models' caches
+    timesteps: torch.Tensor  # the loop's timesteps on the model's device, (L,)
+    t_host: tuple[float, ...]  # the same on the host: step bookkeeping without device syncs
     key_steps: tuple[int, ...]
+    noise_limit: float  # noise injection below this timestep value
     step: int = 0  # next loop index the denoiser will be called for
     updates: int = 0  # scheduler updates done
     served: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (B, ...) prediction
     z_T: torch.Tensor | None = None
-    feature_spec: Any = None  # layout of the broadcast encoder features (rank0 placement)
+    phase: Phase = Phase.IDLE
+    features: list[Any] = field(default_factory=list)  # the encoder modules' outputs of the last key step
+    feature_layout: Any = None  # how rank 0's features travel (rank0 placement), fixed for the run
+    rows: torch.Tensor | None = None  # in a decoder pass: the input row each decoder row serves, (n,)
+    batch_rows: int = 1  # rows per step in the pipeline's denoiser call
+    pending: tuple[Any, torch.Tensor] | None = None  # async broadcast of features and its buffer
+    device_t: list[torch.Tensor] = field(default_factory=list)  # call timesteps checked at the end
 
     @property
     def length(self) -> int:
-        return len(self.timesteps)
+        return len(self.t_host)
 
 
 class Engine:
     def __init__(
-        self,
-        model: nn.Module,
-        adapter: Adapter,
-        config: FasterDiffusionConfig,
-        ctx: DistContext,
-        get_scheduler: Callable[[], Any],
+        self, model: nn.Module, adapter: Adapter, config: FasterDiffusionConfig, ctx: DistContext
     ) -> None:
         self.model, self.adapter, self.config, self.ctx = model, adapter, config, ctx
-        self.get_scheduler = get_scheduler
         self.modules = adapter.encoder_modules(model)
         self.signature = inspect.signature(model.forward)
-        self.phase = "idle"  # "record" (encoder pass) | "replay" (decoder pass) | "idle"
-        self.features: list[Any] = []
-        self.rows: torch.Tensor | None = None  # input row served by each decoder row, (n,)
-        self.batch_rows = 1  # rows per step in the pipeline's denoiser call
         self.run: Run | None = None
-        self.runs = 0  # runs started, numbering them for side models' caches
+        self.runs = 0
         self.counters = Counters()
-        self._pending = None  # async broadcast of features still in flight
 
     # Called by the encoder module hooks.
 
     def module_forward(self, index: int, original: Callable, args: tuple, kwargs: dict) -> Any:
-        if self.phase == "record":
+        run = self.run
+        phase = Phase.IDLE if run is None else run.phase
+        if phase is Phase.RECORD:
             out = original(*args, **kwargs)
-            self.features[index] = out if self.modules[index].keep or index == len(self.modules) - 1 else None
-            if index == len(self.modules) - 1:
+            last = index == len(self.modules) - 1
+            run.features[index] = out if self.modules[index].keep or last else None
+            if last:
                 raise _EncoderDone
             return out
-        if self.phase == "replay":
-            cached = self.features[index] if self.modules[index].keep else self.features[-1]
+        if phase is Phase.REPLAY:
+            cached = run.features[index] if self.modules[index].keep else run.features[-1]
             return pytree.tree_map_only(torch.Tensor, self._select_rows, cached)
         return original(*args, **kwargs)
 
     def _select_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of a cached feature for the decoder batch; a feature of B*k rows (video frames) keeps
         each input row's k consecutive rows together."""
-        if self.rows is None:  # the decoder rows are the input rows, in order
+        run = self.run
+        if run.rows is None:  # the decoder rows are the input rows, in order
             # A clone keeps the memory layout a vanilla call would see, and keeps the cache safe
             # from in-place ops in the decoder (FreeU, T2I adapters) that later steps would inherit.
             return t.clone()
-        per = t.shape[0] // self.batch_rows
-        if per * self.batch_rows != t.shape[0]:
+        per = t.shape[0] // run.batch_rows
+        if per * run.batch_rows != t.shape[0]:
             raise RuntimeError(
-                f"distfd: cached feature of batch {t.shape[0]} does not divide into {self.batch_rows} rows."
+                f"distfd: cached feature of batch {t.shape[0]} does not divide into {run.batch_rows} rows."
             )
         if per == 1:
-            return t.index_select(0, self.rows)
-        idx = (self.rows[:, None] * per + torch.arange(per, device=self.rows.device)).reshape(-1)  # (n * k,)
+            return t.index_select(0, run.rows)
+        idx = (run.rows[:, None] * per + torch.arange(per, device=run.rows.device)).reshape(-1)  # (n * k,)
         return t.index_select(0, idx)
 
     # Called by the scheduler hooks.
 
-    def new_run(self) -> None:
-        self._end_run()
+    def end_run(self) -> None:
+        """Drop the current run (its timesteps were set anew, or the pipeline was unhooked)."""
+        self.run = None
 
-    def before_update(self, timestep, sample: torch.Tensor) -> torch.Tensor:
+    def before_update(self, sample: torch.Tensor) -> torch.Tensor:
         """Prior noise injection (Sec. 3.3): ``z_t += alpha * z_T`` for timesteps below the threshold."""
         run = self.run
-        if run is None:
+        if run is None or run.updates >= run.length:
             return sample
         if run.z_T is None:
             run.z_T = sample.clone()
-        sched = self.get_scheduler()
-        limit = self.config.noise_below * sched.config.num_train_timesteps
-        if self.config.noise_alpha > 0 and float(timestep) < limit:
+        if self.config.noise_alpha > 0 and run.t_host[run.updates] < run.noise_limit:
             sample = sample + self.config.noise_alpha * run.z_T
         return sample
 
@@ -153,7 +171,8 @@ class Engine:
                 buf = prev_sample.contiguous()
                 self.ctx.broadcast(buf, src=0)
                 prev_sample.copy_(buf)
-            self._end_run()
+            self._check_call_timesteps(run)
+            self.end_run()
 
     # Called by side-model hooks: a model the pipeline calls in each loop step before the denoiser.
 
@@ -161,36 +180,34 @@ class Engine:
         """(run number, is a key step) for the denoiser call that follows in this loop step.
 
         Before a run has started (or after the last one finished) the call opens a new run, at its
-        step 0, always a key step. A timestep other than the expected one also counts as key (the
-        side model then computes rather than reuse something stale).
+        step 0, always a key step. A timestep other than the expected one (where it can be read
+        without a device sync) also counts as key: the side model then computes rather than reuse
+        something stale.
         """
         run = self.run
         if run is None or run.step >= run.length:
             return self.runs + 1, True
-        same = _timestep_value(timestep) == float(run.timesteps[run.step])
-        return self.runs, run.step in run.key_steps or not same
+        got = host_timestep(timestep)
+        same = got is None or got == run.t_host[run.step]
+        return run.number, run.step in run.key_steps or not same
 
     # Called by the denoiser hook once per loop step.
 
-    def denoiser_forward(self, original: Callable, args: tuple, kwargs: dict) -> Any:
+    def denoiser_forward(self, original: Callable, args: tuple, kwargs: dict, scheduler: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs)
         call = bound.arguments
-        sample, t = call[self.adapter.sample_arg], call[self.adapter.timestep_arg]
-        run = self.run if self.run is not None and self.run.step < self.run.length else self._start_run(call)
+        t = call[self.adapter.timestep_arg]
+        run = self.run
+        if run is None or run.step >= run.length:
+            run = self._start_run(call, scheduler)
         i = run.step
-        expected, got = float(run.timesteps[i]), _timestep_value(t)
-        if got != expected:
-            raise RuntimeError(
-                f"distfd expected the denoiser call for loop step {i} (timestep {expected}) but got "
-                f"timestep {got}: this pipeline calls the denoiser in a "
-                "pattern distfd does not support (one call per scheduler timestep)."
-            )
+        self._check_call(run, i, t)
         if i not in run.served:
             if i in run.key_steps:
-                self._encode(original, bound, i)
-            width = 1 if self.config.mode == "propagate" else self.config.max_parallel_steps
-            steps = chunk_after(i, run.key_steps, run.length, width)
-            self._decode(original, bound, run, steps, sample)
+                self._encode(original, bound, run, i)
+            self._decode(
+                original, bound, run, chunk_after(i, run.key_steps, run.length, self.config.decode_width)
+            )
         pred = run.served.pop(i)
         run.step += 1
         self.counters.steps += 1
@@ -198,63 +215,89 @@ class Engine:
 
     # Internals.
 
-    def _start_run(self, call: dict) -> Run:
-        self._end_run()
-        sched = self.get_scheduler()
+    def _check_call(self, run: Run, i: int, t) -> None:
+        """The call must be loop step ``i``'s: one denoiser call per scheduler update, at its timestep."""
+        if run.updates != i:
+            raise RuntimeError(
+                f"distfd: the denoiser was called for loop step {i} after {run.updates} scheduler updates: "
+                "this pipeline calls the denoiser in a pattern distfd does not support (one call per "
+                "scheduler timestep)."
+            )
+        got = host_timestep(t)
+        if got is None:  # on a GPU: compared at the end of the run, without a sync per step
+            run.device_t.append(torch.as_tensor(t).reshape(-1)[:1])
+        elif got != run.t_host[i]:
+            raise RuntimeError(
+                f"distfd expected the denoiser call for loop step {i} (timestep {run.t_host[i]}) but got "
+                f"timestep {got}: this pipeline calls the denoiser in a pattern distfd does not support "
+                "(one call per scheduler timestep)."
+            )
+
+    def _check_call_timesteps(self, run: Run) -> None:
+        if not run.device_t:
+            return
+        got = torch.cat(run.device_t).double().cpu()  # one sync per run
+        want = torch.tensor(run.t_host[: len(got)], dtype=torch.float64)
+        if not torch.equal(got, want):
+            bad = int((got != want).nonzero()[0])
+            raise RuntimeError(
+                f"distfd: the denoiser call for loop step {bad} had timestep {float(got[bad])}, expected "
+                f"{want[bad].item()}: this pipeline calls the denoiser in a pattern distfd does not support."
+            )
+
+    def _start_run(self, call: dict, scheduler: Any) -> Run:
+        self.end_run()
         sample, t = call[self.adapter.sample_arg], call[self.adapter.timestep_arg]
-        all_t = sched.timesteps
-        t0 = _timestep_value(t)
-        hits = (all_t.float() == t0).nonzero()
-        if len(hits) == 0:
+        all_t = scheduler.timesteps
+        t_host = [float(x) for x in all_t.tolist()]  # one sync per run
+        t0 = float(torch.as_tensor(t).reshape(-1)[0])
+        if t0 not in t_host:
             raise RuntimeError(
                 f"distfd: the denoiser was called with timestep {t0}, which is not in scheduler.timesteps; "
                 "call it through the pipeline (which sets the scheduler's timesteps first)."
             )
-        offset = int(hits[0])
-        timesteps = all_t[offset:]
-        num_steps = getattr(sched, "num_inference_steps", None) or len(timesteps)
-        key_steps = resolve_key_steps(
-            self.config.key_steps, num_steps, len(timesteps), allow_rescale=self.config.rescale_key_steps
-        )
-        self.run = Run(timesteps=timesteps, key_steps=key_steps)
+        offset = t_host.index(t0)  # img2img and inpainting start part-way
+        timesteps, t_host = all_t[offset:].to(sample.device), tuple(t_host[offset:])
+        num_steps = getattr(scheduler, "num_inference_steps", None) or len(t_host)
+        key_steps = self.config.key_steps.resolve(num_steps, len(t_host), self.config.rescale_key_steps)
         self.runs += 1
+        limit = self.config.noise_below * scheduler.config.num_train_timesteps
+        self.run = Run(self.runs, timesteps, t_host, key_steps, limit)
         self.ctx.stats.reset()
-        cond = self.adapter.condition_tensor(call)
-        check_agreement(self.ctx, fingerprint(self.config, key_steps, timesteps, sample, cond))
-        if self.ctx.is_main:
-            most = max(len(chunk_after(k, key_steps, len(timesteps), None)) for k in key_steps)
-            logger.info(
-                "distfd %s: %d steps, key steps %s, %d rank(s)",
-                self.config.mode,
-                len(timesteps),
-                list(key_steps),
-                self.ctx.world_size,
-            )
-            if self.config.mode == "parallel" and self.ctx.world_size > most * sample.shape[0]:
-                logger.info(
-                    "world size %d exceeds the largest decoder batch (%d rows): some ranks will idle",
-                    self.ctx.world_size,
-                    most * sample.shape[0],
-                )
+        if self.ctx.world_size > 1:
+            cond = self.adapter.condition_tensor(call)
+            check_agreement(self.ctx, fingerprint(self.config, key_steps, t_host, sample, cond))
+        self._log_run(key_steps, len(t_host), sample.shape[0])
         return self.run
 
-    def _end_run(self) -> None:
-        self.run = None
-        self.features = []
-        self.rows = None
-        self._pending = None
+    def _log_run(self, key_steps: tuple[int, ...], length: int, batch: int) -> None:
+        if not self.ctx.is_main:
+            return
+        logger.info(
+            "distfd %s: %d steps, key steps %s, %d rank(s)",
+            self.config.mode,
+            length,
+            list(key_steps),
+            self.ctx.world_size,
+        )
+        most = max(len(chunk_after(k, key_steps, length, None)) for k in key_steps) * batch
+        if self.config.mode == "parallel" and self.ctx.world_size > most:
+            logger.info(
+                "world size %d exceeds the largest decoder batch (%d rows): some ranks will idle",
+                self.ctx.world_size,
+                most,
+            )
 
-    def _encode(self, original: Callable, bound: inspect.BoundArguments, i: int) -> None:
+    def _encode(self, original: Callable, bound: inspect.BoundArguments, run: Run, i: int) -> None:
         ctx, placement = self.ctx, self.config.encoder
         ctx.stats.tag = i
-        encodes_here = ctx.is_main or placement == "replicated"
         if placement == "replicated" and ctx.world_size > 1:
             sample = bound.arguments[self.adapter.sample_arg].contiguous()
-            ctx.broadcast(sample, src=0)  # rank 0's latents are the authority
+            ctx.broadcast(sample, src=0)  # rank 0's latents are the authority, for the decoder too
             bound.arguments[self.adapter.sample_arg] = sample
-        if encodes_here:
-            self.features = [None] * len(self.modules)
-            self.phase = "record"
+        if ctx.is_main or placement == "replicated":
+            run.features = [None] * len(self.modules)
+            run.phase = Phase.RECORD
             try:
                 original(*bound.args, **bound.kwargs)
             except _EncoderDone:
@@ -262,60 +305,78 @@ class Engine:
             else:
                 raise RuntimeError("distfd: the encoder pass never reached its last encoder module.")
             finally:
-                self.phase = "idle"
+                run.phase = Phase.IDLE
             self.counters.encoder_passes += 1
         if placement == "rank0" and ctx.world_size > 1:
-            self._share_features()
+            self._share_features(run)
 
-    def _share_features(self) -> None:
+    def _share_features(self, run: Run) -> None:
         """Broadcast rank 0's encoder features; rank 0 does not wait (it decodes meanwhile).
 
-        Each distinct tensor is sent once: a UNet down block's last skip tensor is its output too.
+        Each distinct tensor is sent once (a UNet down block's last skip tensor is its output too), as
+        one flat buffer. The layout (a copy of the features' nesting with each tensor replaced by the
+        index of its distinct tensor, and their shapes) is sent once per run, as plain Python objects.
         """
-        run, ctx = self.run, self.ctx
-        distinct: list[torch.Tensor] = []
+        ctx = self.ctx
         if ctx.is_main:
-            leaves, tree = pytree.tree_flatten(self.features)
-            distinct = list({id(x): x for x in leaves if x is not None}.values())
-        if run.feature_spec is None:
-            spec = None
+            first: dict[int, torch.Tensor] = {}
+            for x in pytree.tree_leaves(run.features):
+                if isinstance(x, torch.Tensor):
+                    first.setdefault(id(x), x)
+            distinct = list(first.values())
+        if run.feature_layout is None:
+            layout = None
             if ctx.is_main:
-                # Leaf -> index of a distinct tensor; None for the outputs not kept (DiT blocks).
-                first: dict[int, int] = {}
-                refs = [None if x is None else first.setdefault(id(x), len(first)) for x in leaves]
-                spec = (tree, refs, [(tuple(x.shape), x.dtype) for x in distinct])
-            run.feature_spec = ctx.broadcast_object(spec, src=0)
-        tree, refs, layout = run.feature_spec
-        dtype = layout[0][1]
-        if any(d != dtype for _, d in layout):
+                index = {key: n for n, key in enumerate(first)}
+                skeleton = pytree.tree_map_only(torch.Tensor, lambda x: index[id(x)], run.features)
+                layout = (skeleton, [(tuple(x.shape), x.dtype) for x in distinct])
+            run.feature_layout = ctx.broadcast_object(layout, src=0)
+        skeleton, shapes = run.feature_layout
+        dtype = shapes[0][1]
+        if any(d != dtype for _, d in shapes):
             raise RuntimeError("distfd: encoder features of mixed dtypes are not supported across ranks.")
         if ctx.is_main:
             flat = torch.cat([x.reshape(-1) for x in distinct])
-            self._pending = ctx.broadcast(flat, src=0, async_op=True)
-            self._pending_flat = flat  # keep alive until the broadcast completes
+            run.pending = (ctx.broadcast(flat, src=0, async_op=True), flat)  # flat kept alive until done
             return
-        sizes = [int(torch.Size(shape).numel()) for shape, _ in layout]
+        sizes = [int(torch.Size(shape).numel()) for shape, _ in shapes]
         flat = torch.empty(sum(sizes), dtype=dtype, device=ctx.device)
         ctx.wait(ctx.broadcast(flat, src=0, async_op=True))
-        distinct = [part.view(shape) for part, (shape, _) in zip(flat.split(sizes), layout, strict=True)]
-        self.features = pytree.tree_unflatten([None if r is None else distinct[r] for r in refs], tree)
+        parts = [part.view(shape) for part, (shape, _) in zip(flat.split(sizes), shapes, strict=True)]
+        run.features = pytree.tree_map(lambda r: None if r is None else parts[r], skeleton)
 
-    def _decode(
-        self, original: Callable, bound: inspect.BoundArguments, run: Run, steps: range, sample: torch.Tensor
-    ) -> None:
+    def _decode(self, original: Callable, bound: inspect.BoundArguments, run: Run, steps: range) -> None:
+        sample = bound.arguments[self.adapter.sample_arg]
         ctx, rows_per_step = self.ctx, sample.shape[0]
         shares = shard(len(steps) * rows_per_step, ctx.world_size)
         mine = shares[ctx.rank]
         if len(mine):
-            idx = torch.arange(mine.start, mine.stop, device=sample.device)
-            src = idx % rows_per_step  # which input row (CFG half, image) each decoder row serves
-            t_rows = run.timesteps.to(sample.device)[steps.start + idx // rows_per_step]  # (n,)
-            # One step's rows in order (propagation, all-key steps): no copies, so the decoder sees
-            # the very tensors (and memory layouts) a vanilla call would.
-            same = len(mine) == rows_per_step and mine.start % rows_per_step == 0
-            args = dict(bound.arguments)
+            local = self._decode_rows(original, bound, run, steps, mine, sample)
+        else:
+            dtype = next(self.model.parameters()).dtype
+            local = sample.new_empty((0, *self.adapter.output_row_shape(self.model, sample)), dtype=dtype)
+        if run.pending is not None:
+            ctx.wait(run.pending[0])
+            run.pending = None
+        preds = ctx.all_gather_rows(local, shares)  # (len(steps) * B, ...)
+        for j, step in enumerate(steps):
+            run.served[step] = preds[j * rows_per_step : (j + 1) * rows_per_step]
+
+    def _decode_rows(
+        self, original: Callable, bound: inspect.BoundArguments, run: Run, steps: range, mine: range, sample
+    ) -> torch.Tensor:
+        """This rank's share ``mine`` of the decoder rows of ``steps``, as one decoder pass."""
+        rows_per_step = sample.shape[0]
+        idx = torch.arange(mine.start, mine.stop, device=sample.device)
+        src = idx % rows_per_step  # which input row (CFG half, image) each decoder row serves
+        t_rows = run.timesteps[steps.start + idx // rows_per_step]  # (n,)
+        # One step's rows in order (propagation, all-key steps): no copies, so the decoder sees
+        # the very tensors (and memory layouts) a vanilla call would.
+        same = len(mine) == rows_per_step and mine.start % rows_per_step == 0
+        args = dict(bound.arguments)
+        if not same:
             for name, value in args.items():
-                if not same and name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
+                if name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
                     args[name] = pytree.tree_map_only(
                         torch.Tensor,
                         lambda x: (
@@ -325,22 +386,14 @@ class Engine:
                         ),
                         value,
                     )
-            args[self.adapter.sample_arg] = sample if same else sample.index_select(0, src)
-            args[self.adapter.timestep_arg] = t_rows
-            call = inspect.BoundArguments(bound.signature, args)
-            self.phase, self.rows, self.batch_rows = "replay", None if same else src, rows_per_step
-            try:
-                local = self.adapter.get_sample(original(*call.args, **call.kwargs))
-            finally:
-                self.phase, self.rows = "idle", None
-            self.counters.decoder_passes += 1
-            self.counters.decoder_rows += len(mine)
-        else:
-            dtype = next(self.model.parameters()).dtype
-            local = sample.new_empty((0, *self.adapter.output_row_shape(self.model, sample)), dtype=dtype)
-        if self._pending is not None:
-            ctx.wait(self._pending)
-            self._pending = self._pending_flat = None
-        preds = ctx.all_gather_rows(local, shares)  # (len(steps) * B, ...)
-        for j, step in enumerate(steps):
-            run.served[step] = preds[j * rows_per_step : (j + 1) * rows_per_step]
+        args[self.adapter.sample_arg] = sample if same else sample.index_select(0, src)
+        args[self.adapter.timestep_arg] = t_rows
+        call = inspect.BoundArguments(bound.signature, args)
+        run.phase, run.rows, run.batch_rows = Phase.REPLAY, None if same else src, rows_per_step
+        try:
+            local = self.adapter.get_sample(original(*call.args, **call.kwargs))
+        finally:
+            run.phase, run.rows = Phase.IDLE, None
+        self.counters.decoder_passes += 1
+        self.counters.decoder_rows += len(mine)
+        return local

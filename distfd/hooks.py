@@ -1,4 +1,5 @@
-"""Reversible hooks: the denoiser's forward, its encoder modules' forwards, the scheduler's methods.
+"""Reversible hooks: the denoiser's forward, its encoder modules' forwards, a ControlNet's forward, and
+the scheduler's methods.
 
 Modules are wrapped through diffusers' ``HookRegistry``; ``remove`` leaves each module and the
 scheduler exactly as they were (no instance attributes left behind).
@@ -7,6 +8,8 @@ scheduler exactly as they were (no instance attributes left behind).
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from diffusers.hooks import HookRegistry, ModelHook
@@ -29,14 +32,54 @@ class EncoderModuleHook(ModelHook):
 
 
 class DenoiserHook(ModelHook):
-    """Routes each denoiser call of the sampling loop through the engine."""
+    """Routes each denoiser call of the sampling loop through the engine.
+
+    ``scheduler``: returns the pipeline's scheduler, hooked (a scheduler swapped in after ``apply`` is
+    detected there, before the call, and gets the hooks moved onto it).
+    """
+
+    def __init__(self, engine: Engine, scheduler: Callable[[], Any]) -> None:
+        super().__init__()
+        self.engine, self.scheduler = engine, scheduler
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        return self.engine.denoiser_forward(self.fn_ref.original_forward, args, kwargs, self.scheduler())
+
+
+class ControlNetHook(ModelHook):
+    """A ControlNet (or MultiControlNet) under encoder propagation: it runs at key steps only.
+
+    A ControlNet is a trainable copy of the UNet encoder (the paper propagates "both encoders",
+    Sec. 4.2). The pipeline calls it once per loop step, just before the UNet, and hands its residuals
+    to the UNet call as arguments. At a key step this hook lets it compute and keeps the residuals; at
+    the other steps of the same run it returns the kept ones without computing. The UNet's forward
+    adds them after its (replayed) down and mid blocks, and in parallel decoding they are re-indexed by
+    row with the call's other arguments, so every step of a key step's group sees that key step's
+    residuals, scaled by that key step's ``controlnet_conditioning_scale`` (and
+    ``control_guidance_start``/``end`` gate). Each rank runs the ControlNet itself at key steps (its
+    inputs are the same on every rank).
+    """
 
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine = engine
+        self.reset_state(None)
+
+    def reset_state(self, module: nn.Module | None):
+        self.cache: Any = None
+        self.cache_key: tuple[int, bool] | None = None  # (run number, return_dict) it was computed for
+        self.computed = 0  # ControlNet forwards actually run
+        return module
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        return self.engine.denoiser_forward(self.fn_ref.original_forward, args, kwargs)
+        original = self.fn_ref.original_forward
+        call = inspect.signature(original).bind(*args, **kwargs).arguments
+        run, key = self.engine.upcoming_call(call["timestep"])
+        wanted = (run, bool(call.get("return_dict", True)))
+        if key or self.cache_key != wanted:
+            self.cache, self.cache_key = original(*args, **kwargs), wanted
+            self.computed += 1
+        return self.cache
 
 
 class ModuleHooks:
@@ -74,14 +117,14 @@ class SchedulerHooks:
         # ``generator``/``eta`` to ``step`` and ``timesteps``/``sigmas`` to ``set_timesteps``.
         @functools.wraps(set_timesteps)
         def wrapped_set_timesteps(*args, **kwargs):
-            engine.new_run()
+            engine.end_run()
             return set_timesteps(*args, **kwargs)
 
         @functools.wraps(step)
         def wrapped_step(model_output, timestep, sample=None, *args, **kwargs):
             if sample is None:
                 sample = kwargs.pop("sample")
-            sample = engine.before_update(timestep, sample)
+            sample = engine.before_update(sample)
             out = step(model_output, timestep, sample, *args, **kwargs)
             engine.after_update(out[0] if isinstance(out, tuple) else out.prev_sample)
             return out

@@ -56,7 +56,7 @@ def uniform_set(loop_length: int, budget: int) -> tuple[int, ...]:
 
 def paper_set(scheduler: Any, num_steps: int) -> tuple[int, ...] | None:
     """The paper's key steps for this scheduler class and step count (FasterDiffusion Supp. C), if any."""
-    from .schedule import PRESETS
+    from .presets import PRESETS
 
     name = PAPER_SETS.get((type(scheduler).__name__, num_steps))
     return tuple(PRESETS[name].key_steps) if name else None

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import distfd
-from distfd.schedule import PRESETS, chunk_after, groups, rescale, resolve_key_steps, save_preset_file, shard
+from distfd.keysteps import resolve_key_steps, save_preset_file
+from distfd.presets import PRESETS
+from distfd.schedule import chunk_after, groups, rescale, shard
 
 from . import tiny
 
@@ -44,7 +46,7 @@ def test_preset_file_round_trip(tmp_path):
     path = save_preset_file(tmp_path / "keys.json", 10, [0, 2, 5])
     assert resolve_key_steps(str(path), 10) == (0, 2, 5)
     cfg = distfd.FasterDiffusionConfig(key_steps=str(path))
-    assert cfg.key_steps == str(path)
+    assert cfg.key_steps.indices == (0, 2, 5) and cfg.key_steps.built_for == 10
 
 
 @pytest.mark.parametrize(
@@ -57,7 +59,7 @@ def test_preset_file_round_trip(tmp_path):
         ({"key_steps": [0, 1.5]}, TypeError, "ints"),
         ({"key_steps": "sd-ddim-51"}, ValueError, "unknown key-step preset"),
         ({"key_steps": "uniform-0"}, ValueError, "uniform-K"),
-        ({"key_steps": 5}, TypeError, "preset name or a sequence"),
+        ({"key_steps": 5}, TypeError, "preset name, a preset .json file or a list"),
         ({"mode": "fast"}, ValueError, "mode must be one of"),
         ({"encoder": "gpu0"}, ValueError, "encoder must be one of"),
         ({"noise_alpha": -0.1}, ValueError, "noise_alpha must be >= 0"),

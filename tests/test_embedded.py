@@ -108,7 +108,7 @@ def test_training_script_is_seeded_and_records_losses(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from distfd.embedded import train_pipeline
+    from benchmarks.embedded import train_pipeline
 
     def train(out, seed):
         argv = ["--out", str(out), "--seed", str(seed), "--n-scenes", "64", "--vae-steps", "2"]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import distfd
-from distfd.adapters.dit import DIT_250, default_encoder_blocks
-from distfd.schedule import PRESETS, resolve_key_steps
+from distfd.adapters.dit import default_encoder_blocks
+from distfd.keysteps import resolve_key_steps
+from distfd.presets import DIT_250, PRESETS
 
 from .equivalence import apply_run, check_equivalences
 from .tiny_models import dit, pixart, prompt_embeds

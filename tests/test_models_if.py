@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distfd.schedule import PRESETS
+from distfd.presets import PRESETS
 
 from .equivalence import check_equivalences
 from .tiny_models import if_stage1, if_stage2, prompt_embeds, upscaler

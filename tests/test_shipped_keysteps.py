@@ -20,7 +20,7 @@ from distfd import autokey, calibrate_cmd
 from distfd.cli import build_parser
 from distfd.embedded import calibrated_key_steps, default_model_path
 from distfd.embedded.scenes import sample_captions
-from distfd.schedule import load_preset_file
+from distfd.keysteps import read_preset_file
 
 SHIPPED = [("ddim", 50, 9), ("dpm", 20, 7)]
 FULL = os.environ.get("DISTFD_FULL_RECALIBRATION") == "1"
@@ -42,7 +42,7 @@ def test_shipped_key_steps_are_the_recorded_calibration(pipe, monkeypatch, sched
     path = calibrated_key_steps(scheduler, steps)
     assert path is not None and path.name == f"{scheduler}-{steps}.json"
     shipped = json.loads(path.read_text())
-    preset = load_preset_file(path)
+    preset = read_preset_file(path)
     assert preset.num_steps == steps and len(preset.key_steps) == budget and shipped["objective"] == "final"
     command = shipped["calibration"]["command"]
     argv = shlex.split(command)

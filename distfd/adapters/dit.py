@@ -17,26 +17,10 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
-from ..schedule import Preset, register_preset
 from .base import Adapter, EncoderModule
 
 # DiT-XL/2 (28 blocks): 18 encoder blocks (journal version, Sec. 3.1).
 PAPER_ENCODER_BLOCKS, PAPER_DEPTH = 18, 28
-
-# The 250-step key steps of the authors' DiT code (github.com/sen-mao/FasterDiffusion-DiT,
-# sample_fasterdiffusion.py; 0-based loop indices, its end marker 250 dropped). The journal text gives
-# the DiT results for 250 DDPM steps (Tab. 3) but lists no key steps.
-DIT_250 = (
-    *range(0, 7), 10, 12, 13, 14, *range(16, 21), 22, 25, 27, *range(29, 38), 45, 49, *range(51, 55),
-    58, 59, 60, 62, 64, 67, 68, 70, 72, 73, 75, 77, 78, *range(81, 89), 90, 91, 92, 95, 97, 99,
-    *range(101, 105), 106, 107, *range(109, 113), *range(115, 122), 123, 125, 128, 130, 131, 132, 134,
-    137, 138, 139, *range(141, 146), 147, 150, 152, 155, 157, 158, *range(160, 165), 166, 168, 169, 170,
-    172, 173, 174, 175, 178, 180, 181, 182, 184, *range(187, 192), *range(193, 197), 198,
-    *range(200, 211), 212, 213, 214, *range(216, 220), 221, *range(223, 230), *range(231, 235), 237,
-    239, 241, 242, 243, 245, 246, 247, 249,
-)  # fmt: skip
-register_preset("dit-250", Preset(250, DIT_250, "authors' DiT code, 250 DDPM/DDIM steps"))
-
 
 def default_encoder_blocks(depth: int) -> int:
     """The paper's 18-of-28 split scaled to ``depth`` blocks (at least one block on each side)."""

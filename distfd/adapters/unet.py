@@ -4,7 +4,7 @@ The UNet's own forward keeps running: at non-key steps these modules return thei
 (the skip tensors and the mid-block output), and everything else, the full time embedding of the
 step (class, aug and ``time_embed_act`` included) and the up blocks, runs as usual. ControlNet
 residuals are added by the forward after the down and mid blocks, from the call's arguments (see
-``controlnet.py`` for how the ControlNet itself is propagated).
+``ControlNetHook`` in ``distfd/hooks.py`` for how the ControlNet itself is propagated).
 
 img2img and inpainting run a suffix of ``scheduler.timesteps`` (``strength``): key step ``k`` is the
 ``k``-th denoiser call of the pipeline call, so index 0 is the first step that actually runs. A
@@ -20,7 +20,6 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from ..schedule import Preset, _from_paper, register_preset
 from .base import Adapter, EncoderModule
 
 
@@ -50,20 +49,4 @@ UNET_PIPELINES = (
     "IFPipeline",
     "IFSuperResolutionPipeline",
     "StableDiffusionUpscalePipeline",
-)
-
-# DeepFloyd-IF with DDPM, Supp. C.1 (and Sec. 3.3 of the journal version): stage I (100 steps),
-# stage II (50) and stage III, the x4 upscaler (75). The journal's footnote 6 reads an ellipsis as
-# "every timestep in between", so stage I skips the encoder only at 89-86, 84-81, 24-21 and 19-16.
-IF_STAGE1 = (*range(100, 89, -1), 85, *range(80, 24, -1), 20, *range(15, 0, -1))
-IF_STAGE3 = (75, 73, 70, 66, 61, 55, 48, 40, 31, 21, 10)
-register_preset(
-    "if-stage1-100", Preset(100, _from_paper(100, IF_STAGE1), "paper, DeepFloyd-IF stage I DDPM-100")
-)
-register_preset(
-    "if-stage2-50",
-    Preset(50, _from_paper(50, range(50, 0, -1)), "paper, DeepFloyd-IF stage II DDPM-50 (every step)"),
-)
-register_preset(
-    "if-stage3-75", Preset(75, _from_paper(75, IF_STAGE3), "paper, DeepFloyd-IF stage III (x4 upscaler) 75")
 )

@@ -16,7 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..adapters import find_adapter
 from ..autokey import calibrate
 from ..keysearch import PAPER_SETS, uniform_set
-from ..schedule import PRESETS
+from ..keysteps import resolve_key_steps
+from ..presets import PRESETS
 from .evaluators import Evaluator
 from .methods import AUTO, Method, MethodUnavailable, activated, even_budget, parse_method
 from .metrics import psnr, ssim
@@ -145,8 +146,6 @@ def resolve_keys(pipe: Any, method: Method, setup: Setup, cache: dict[str, Any])
 
 
 def _expand(spec: Any, num_steps: int) -> list[int]:
-    from ..schedule import resolve_key_steps
-
     if isinstance(spec, str) and spec in PRESETS:
         return list(resolve_key_steps(spec, num_steps, allow_rescale=True))
     return list(resolve_key_steps(spec, num_steps))

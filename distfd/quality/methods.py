@@ -23,7 +23,7 @@ from typing import Any
 
 from ..apply import apply
 from ..config import MODES, FasterDiffusionConfig
-from ..schedule import check_spec
+from ..keysteps import KeySteps
 
 DEFAULT_METHODS = (
     "vanilla",
@@ -93,7 +93,7 @@ def parse_method(name: str) -> Method:
     if keys not in ("paper", *AUTO):
         try:
             if even_budget(keys) is None:
-                check_spec(keys)
+                KeySteps.parse(keys)
         except ValueError as e:
             raise ValueError(f"bad configuration {name!r}: {e}") from e
     return Method(name, "distfd", mode=mode, keys=keys, noise=noise)
@@ -139,11 +139,8 @@ def activated(pipe: Any, method: Method, key_steps: Sequence[int] | str | None =
             noise_alpha=0.003 if method.noise else 0.0,
             rescale_key_steps=True,
         )
-        handle = apply(pipe, config)
-        try:
+        with apply(pipe, config) as handle:
             yield handle
-        finally:
-            handle.remove()
     else:
         helper = deepcache_helper(pipe)
         helper.set_params(cache_interval=method.interval, cache_branch_id=0)

@@ -8,7 +8,7 @@ captions.
 
 Example::
 
-    python -m distfd.embedded.evaluate --n 200 --steps 50 --out eval.json
+    python -m benchmarks.embedded.evaluate --n 200 --steps 50 --out eval.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from . import default_model_path, load_judge
-from .judge import Judge, accuracy
-from .scenes import generate_scenes, to_float
+from distfd.embedded import default_model_path, load_judge
+from distfd.embedded.judge import Judge, accuracy
+from distfd.embedded.scenes import generate_scenes, to_float
 
 logger = logging.getLogger(__name__)
 DEFAULT_EVAL_SEED = 424242  # never used for training

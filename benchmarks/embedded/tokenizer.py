@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from .scenes import VOCABULARY
+from distfd.embedded.scenes import VOCABULARY
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

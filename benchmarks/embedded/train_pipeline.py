@@ -12,7 +12,7 @@ The result is a standard diffusers ``StableDiffusionPipeline`` directory plus
 
 Example::
 
-    python -m distfd.embedded.train_pipeline --out distfd/embedded/weights/tiny-shapes --seed 0
+    python -m benchmarks.embedded.train_pipeline --out distfd/embedded/weights/tiny-shapes --seed 0
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
+from distfd.embedded.scenes import generate_scenes
+
 from . import models
-from .scenes import generate_scenes
 from .tokenizer import build_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
     save_pipeline(out, vae, text_encoder, unet, tokenizer, fp16=args.fp16)
     report = {
         "seed": args.seed,
-        "command": "python -m distfd.embedded.train_pipeline " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.embedded.train_pipeline " + shlex.join(sys.argv[1:]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,

@@ -2,7 +2,7 @@
 
 Example::
 
-    python -m distfd.embedded.train_judge --out distfd/embedded/weights/judge --seed 0
+    python -m benchmarks.embedded.train_judge --out distfd/embedded/weights/judge --seed 0
 
 Training scenes come from seed ``seed``, test scenes from ``seed + 1_000_003``;
 the test accuracy is written to ``metrics.json`` next to the weights.
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .judge import Judge, SceneJudge, accuracy
-from .scenes import generate_scenes
+from distfd.embedded.judge import Judge, SceneJudge, accuracy
+from distfd.embedded.scenes import generate_scenes
 
 logger = logging.getLogger(__name__)
 TEST_SEED_OFFSET = 1_000_003
@@ -80,7 +80,7 @@ def train(
         "n_test": n_test,
         "epochs": epochs,
         "width": width,
-        "command": "python -m distfd.embedded.train_judge " + shlex.join(sys.argv[1:]),
+        "command": "python -m benchmarks.embedded.train_judge " + shlex.join(sys.argv[1:]),
         "final_loss": float(loss.item()),
         "test_accuracy": acc,
         "wall_time_s": round(time.time() - t0, 1),

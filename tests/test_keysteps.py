@@ -1,0 +1,167 @@
+"""One validation for every way of giving key steps and config values; the file is read once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import distfd
+from distfd.keysteps import KeySteps, save_preset_file
+
+from . import tiny
+
+# Each bad list and what the error says, whichever way the list arrives.
+BAD_LISTS = [
+    ([], ValueError, "empty"),
+    ([1, 2], ValueError, "lacks index 0"),
+    ([0, 3, 3], ValueError, "duplicates"),
+    ([0, -3, 5], ValueError, "non-negative"),
+    ([0, 2.7], TypeError, "ints"),
+    ([0, True], TypeError, "ints"),
+    ([0, "2"], TypeError, "ints"),
+]
+
+
+def _file(tmp_path, steps, num_steps=10):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"num_steps": num_steps, "key_steps": steps}))
+    return str(path)
+
+
+@pytest.mark.parametrize(("steps", "error", "match"), BAD_LISTS)
+@pytest.mark.parametrize("how", ["list", "file", "config-file", "cli-string"])
+def test_bad_key_steps_are_refused_the_same_way_everywhere(how, steps, error, match, tmp_path):
+    if how == "cli-string":
+        if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in steps) or not steps:
+            pytest.skip("not expressible as a '0,1,5' string (the string form only holds digits)")
+        value = ",".join(str(k) for k in steps)
+    else:
+        value = list(steps) if how == "list" else _file(tmp_path, steps)
+    with pytest.raises(error, match=match):
+        if how == "config-file":
+            distfd.FasterDiffusionConfig(key_steps=value)
+        else:
+            KeySteps.parse(value)
+
+
+def test_unsorted_lists_with_zero_are_accepted_from_every_source(tmp_path):
+    assert KeySteps.parse([5, 0, 2]).indices == (0, 2, 5)
+    assert KeySteps.parse(_file(tmp_path, [5, 0, 2])).indices == (0, 2, 5)
+    assert KeySteps.parse("5,0,2").indices == (0, 2, 5)
+
+
+def test_preset_file_is_read_once_when_the_config_is_built(tmp_path):
+    path = _file(tmp_path, [0, 2, 5])
+    cfg = distfd.FasterDiffusionConfig(key_steps=path, mode="propagate")
+    (tmp_path / "keys.json").unlink()  # later runs must not go back to the file
+    pipe = tiny.sd()
+    with distfd.apply(pipe, cfg) as handle:
+        tiny.run(pipe)
+        tiny.run(pipe)
+        assert handle.stats()["encoder_passes"] == 2 * 3
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("", "empty string"),
+        ("auto", "distfd.calibrate"),
+        ("uniform-0", "uniform-K"),
+        ("uniform-x", "uniform-K"),
+        ("sd-ddim-51", "unknown key-step preset"),
+        ("missing.json", "cannot read key-step preset file"),
+    ],
+)
+def test_bad_names(text, match):
+    with pytest.raises(ValueError, match=match):
+        KeySteps.parse(text)
+
+
+def test_bad_preset_file_shapes(tmp_path):
+    path = tmp_path / "bad.json"
+    for content, match in [
+        ("[0, 1]", "must hold"),
+        ('{"num_steps": "10", "key_steps": [0]}', "num_steps must be an int"),
+        ("{not json", "cannot read"),
+    ]:
+        path.write_text(content)
+        with pytest.raises(ValueError, match=match):
+            KeySteps.parse(str(path))
+
+
+def test_resolution_against_the_loop():
+    assert KeySteps.parse("uniform-5").resolve(20) == (0, 5, 10, 15)
+    assert KeySteps.parse("sd-ddim-50").resolve(50) == (0, 1, 2, 3, 5, 10, 15, 25, 35)
+    with pytest.raises(ValueError, match="built for 50 steps"):
+        KeySteps.parse("sd-ddim-50").resolve(25)
+    assert KeySteps.parse("sd-ddim-50").resolve(25, allow_rescale=True) == (0, 1, 2, 5, 8, 12, 18)
+    with pytest.raises(ValueError, match="out of range for a sampling loop of 10"):
+        KeySteps.parse([0, 10]).resolve(10)
+    assert KeySteps.parse([0, 10]).resolve(10, loop_length=11) == (0, 10)  # PNDM's longer loop
+
+
+def test_save_preset_file_round_trip(tmp_path):
+    path = save_preset_file(tmp_path / "k.json", 12, [0, 4, 8], source="test")
+    parsed = KeySteps.parse(str(path))
+    assert parsed.indices == (0, 4, 8) and parsed.built_for == 12
+    with pytest.raises(ValueError, match="lacks index 0"):
+        save_preset_file(tmp_path / "bad.json", 12, [4, 8])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"noise_below": "0.5"}, TypeError, "noise_below must be a finite number"),
+        ({"noise_alpha": "0.003"}, TypeError, "noise_alpha must be a finite number"),
+        ({"noise_alpha": float("nan")}, TypeError, "finite"),
+        ({"noise_alpha": True}, TypeError, "noise_alpha"),
+        ({"rescale_key_steps": "False"}, TypeError, "rescale_key_steps must be True or False"),
+        ({"rescale_key_steps": 1}, TypeError, "rescale_key_steps"),
+        ({"max_parallel_steps": 2.0}, ValueError, "max_parallel_steps must be None or an int"),
+        ({"max_parallel_steps": True}, ValueError, "max_parallel_steps"),
+        ({"encoder_blocks": 0}, ValueError, "encoder_blocks must be None or an int"),
+        ({"mode": None}, ValueError, "mode must be one of"),
+    ],
+)
+def test_config_types_are_checked_where_it_is_built(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        distfd.FasterDiffusionConfig(**kwargs)
+
+
+def test_config_is_immutable_and_holds_the_parsed_value():
+    cfg = distfd.FasterDiffusionConfig(key_steps="0,1,3")
+    assert cfg.key_steps == KeySteps("list", (0, 1, 3))
+    assert distfd.FasterDiffusionConfig(key_steps=cfg.key_steps) == cfg
+    with pytest.raises(AttributeError):
+        cfg.mode = "propagate"
+
+
+def test_handle_is_a_context_manager_and_is_applied_tells():
+    pipe = tiny.sd()
+    before = tiny.run(pipe)
+    assert not distfd.is_applied(pipe)
+    with distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=[0, 2])) as handle:
+        assert distfd.is_applied(pipe)
+        assert not torch.equal(tiny.run(pipe), before)
+    assert handle.removed and not distfd.is_applied(pipe)
+    assert torch.equal(tiny.run(pipe), before)
+
+
+def test_an_interrupted_run_does_not_leak_into_the_next_call():
+    pipe = tiny.sd()
+    handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=[0, 2, 5], mode="propagate"))
+    reference = tiny.run(pipe)
+
+    def stop(p, i, t, kw):
+        if i == 3:
+            raise KeyboardInterrupt
+        return kw
+
+    with pytest.raises(KeyboardInterrupt):
+        tiny.run(pipe, callback_on_step_end=stop)
+    assert handle.engine.run is not None  # left mid-loop
+    pipe.scheduler = tiny.scheduler("ddim")  # swapped mid-run: detected at the next denoiser call
+    torch.testing.assert_close(tiny.run(pipe), reference, rtol=0, atol=0)
+    assert handle.engine.run is None  # dropped after the last update
