@@ -400,6 +400,8 @@ def _search_final(
 
     try:
         best, scored = local_search(objective, loop_length, starts, max_evals=max_evals, on_eval=on_eval)
+        bar.total = bar.n  # the search stopped before max_evals: show it complete
+        bar.refresh()
     finally:
         bar.close()
     return best.key_steps, best.value, tuple(scored), 1 + objective.calls

@@ -62,6 +62,13 @@ def paper_set(scheduler: Any, num_steps: int) -> tuple[int, ...] | None:
     return tuple(PRESETS[name].key_steps) if name else None
 
 
+class _QuietRuns(logging.Filter):
+    """Drops the engine's per-run INFO line while the search makes its many calls."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.INFO and record.module == "engine")
+
+
 class FinalLatentError:
     """``objective(key_steps)``: mean relative squared error of the final latents against vanilla's.
 
@@ -98,6 +105,8 @@ class FinalLatentError:
         config = FasterDiffusionConfig(
             key_steps=list(key_steps), mode=self.mode, noise_alpha=self.noise_alpha
         )
+        quiet = _QuietRuns()
+        logger.addFilter(quiet)
         handle = apply(self.pipe, config)
         try:
             out = self.pipe(
@@ -109,6 +118,7 @@ class FinalLatentError:
             ).images
         finally:
             handle.remove()
+            logger.removeFilter(quiet)
         self.calls += 1
         return out.detach().double().cpu()
 

@@ -17,6 +17,7 @@ from . import tiny
 
 STEPS, BUDGET = 10, 4
 CALL = dict(guidance_scale=5.0, height=32, width=32)
+CALL_SIZE = dict(height=32, width=32)
 PROMPTS = ["a red circle", "a blue square"]
 
 
@@ -169,3 +170,19 @@ def test_cli_calibrate_bad_input(argv, message, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["calibrate", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_harness_even_and_auto_final_key_steps() -> None:
+    from distfd.quality import harness, methods
+
+    with pytest.raises(ValueError, match="even-K"):
+        methods.parse_method("propagate:even-0")
+    pipe = tiny.sd()
+    setup = harness.Setup(
+        prompts=PROMPTS, num_steps=STEPS, budget=BUDGET, guidance_scale=5.0, call_kwargs=CALL_SIZE
+    )
+    cache: dict = {}
+    even = harness.resolve_keys(pipe, methods.parse_method("propagate:even-4"), setup, cache)
+    assert even == [0, 2, 5, 8]
+    keys = harness.resolve_keys(pipe, methods.parse_method("propagate:auto-final"), setup, cache)
+    assert len(keys) == BUDGET and cache["auto-final"].objective == "final"
