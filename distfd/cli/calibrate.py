@@ -1,14 +1,14 @@
-"""``distfd calibrate``: choose key steps for a model, scheduler and step count; write a preset JSON.
+"""distfd calibrate: choose key steps for a model, scheduler and step count; write a preset JSON.
 
-The file is what ``distfd generate --key-steps FILE`` and ``FasterDiffusionConfig(key_steps=FILE)``
+The file is what `distfd generate --key-steps FILE` and `FasterDiffusionConfig(key_steps=FILE)`
 accept. Besides the key steps it records the objective's value of every candidate set scored, the
-pipeline calls spent, and the command that produced it (so it can be re-run)::
+pipeline calls spent, and the command that produced it (so it can be re-run):
 
     distfd calibrate --scheduler dpm --steps 20 --budget 7 --out key_steps/dpm-20.json
 
 On the embedded model the calibration prompts default to a seeded draw of scene captions
-(``--num-prompts``, ``--prompt-seed``) that is not the quality harness's evaluation draw; for another
-model give ``--prompts FILE`` (one per line), kept apart from the prompts you evaluate on.
+(--num-prompts, --prompt-seed) that is not the quality harness's evaluation draw; for another
+model give --prompts FILE (one per line), kept apart from the prompts you evaluate on.
 """
 
 from __future__ import annotations
