@@ -5,7 +5,14 @@
         --clip-model ~/models/clip-vit-large-patch14 --reference-images ~/data/coco-val2014 --device cuda
 
 Configurations (``--configs``, comma-separated): ``vanilla``, ``propagate|parallel[:KEYS][:nonoise]``
-with KEYS in ``paper`` (default), ``auto``, ``uniform-K``, a preset or preset JSON, and ``deepcache-N``.
+with KEYS in ``paper`` (default), ``auto`` (drift), ``auto-final``, ``even-K``, ``uniform-K``, a preset
+or preset JSON, and ``deepcache-N``.
+
+Besides the table it writes ``<name>-speed.{png,md,json}``: quality against the end-to-end speed-up of
+each configuration on a GPU from the latency benchmark's JSON (``--latency``; default: the SD-1.5
+H200 results in benchmarks/results/gpu-h200 for the scheduler and step count), see
+``benchmarks/speed_quality.py``. ``--replot`` redraws those from an existing result JSON only, adding
+the configurations of the result JSONs named by ``--also`` (runs on the same prompts and seeds).
 """
 
 from __future__ import annotations
@@ -57,6 +64,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--name", help="output file stem (default: quality-<model>-<scheduler>-<steps>)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument(
+        "--latency", help="latency-benchmark JSON for the speed axis (default: H200 SD-1.5 results)"
+    )
+    p.add_argument("--pieces", help="latency JSON with projection pieces (default: the DDIM-50 H200 one)")
+    p.add_argument(
+        "--replot", action="store_true", help="only redraw the speed-quality files from <name>.json"
+    )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        help="with --replot: add this result JSON's rows (same prompts)",
+    )
     args = p.parse_args(argv)
     try:
         args.methods = parse_methods([c.strip() for c in args.configs.split(",") if c.strip()])
@@ -104,9 +124,54 @@ def load(args: argparse.Namespace):
     return sources.load_path_pipeline(args.model, args.device, dtype), prompts, calib, evaluator, 7.5
 
 
+GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu-h200"
+
+
+def latency_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """The latency JSON for this scheduler/steps and the one holding projection pieces (SD-1.5, H200)."""
+    sched = {"ddim": "ddim", "dpm": "dpm"}[args.scheduler]
+    lat = (
+        Path(args.latency)
+        if args.latency
+        else next(iter(sorted(GPU_RESULTS.glob(f"sd15-full512-{sched}{args.steps}-*.json"))), None)
+    )
+    pieces = (
+        Path(args.pieces)
+        if args.pieces
+        else next(iter(sorted(GPU_RESULTS.glob("sd15-full512-ddim50-*.json"))), None)
+    )
+    return lat, pieces
+
+
+def write_speed(args: argparse.Namespace, name: str, rows: list[dict]) -> list[Path]:
+    import json
+
+    from benchmarks import speed_quality
+
+    lat, pieces = latency_files(args)
+    load = lambda p: json.loads(p.read_text()) if p else None  # noqa: E731
+    sources = [
+        str(p.relative_to(ROOT)) if p and p.is_relative_to(ROOT) else str(p) for p in (lat, pieces) if p
+    ]
+    title = f"{name}: quality vs speed-up"
+    return speed_quality.write(rows, load(lat), load(pieces), args.out, name, title, sorted(set(sources)))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
+    if args.replot:
+        import json
+
+        model = "embedded" if args.model == "embedded" else Path(args.model).name
+        name = args.name or f"quality-{model}-{args.scheduler}-{args.steps}"
+        rows = json.loads((Path(args.out) / f"{name}.json").read_text())["rows"]
+        for extra in args.also:
+            more = json.loads(Path(extra).read_text())["rows"]
+            rows += [r for r in more if r["name"] not in {x["name"] for x in rows}]
+        for path in write_speed(args, name, rows):
+            logger.info("wrote %s", path)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -153,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         meta["encoder FLOP share"] = round(next(iter(cals.values())).encoder_fraction, 4)
         plot_drift(next(iter(cals.values())).drift, sets, Path(args.out) / f"{name}-drift.png")
     for path in report.write(rows, images, args.out, name, meta):
+        logger.info("wrote %s", path)
+    from dataclasses import asdict
+
+    for path in write_speed(args, name, [asdict(r) for r in rows]):
         logger.info("wrote %s", path)
     print(report.markdown(rows, name, meta))
     return 0

@@ -1,16 +1,22 @@
-"""Automatic key steps: calibrate on one vanilla run, then pick the key steps that minimise drift.
+"""Automatic key steps: calibrate on one vanilla run, then pick the key steps that minimise drift
+(``objective="drift"``, the fast option) or the error of the final image (``objective="final"``, a
+local search scored by accelerated runs: :mod:`distfd.keysearch`).
 
 The paper chose its key steps by hand from the curves of Fig. 2a (Sec. 3.3, Supp. C). Here a
 vanilla run records the encoder's outputs (the tensors distfd replays: conv_in, every down block,
 the mid block) at every step; ``drift[k, j]`` is how far step ``j``'s encoder output is from step
 ``k``'s, i.e. the error of replaying key step ``k`` at step ``j``. Dynamic programming then picks
 the ``K`` key steps (0 always among them) with the least total drift over all non-key steps.
+
+Drift is a proxy: it measures the replayed features, not the image. ``objective="final"`` starts from
+the drift optimum, the evenly spaced set and the paper's set of the same budget and refines them by the
+final latents' error against vanilla on the calibration prompts.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import find_adapter
 from .apply import is_applied
+from .keysearch import OBJECTIVES, Candidate, FinalLatentError, local_search, paper_set, uniform_set
 from .keysteps import save_preset_file
 from .validate import positive_int
 
@@ -38,9 +45,14 @@ class Calibration:
         key_steps: The chosen loop indices (sorted, starting with 0).
         drift: ``(L, L)`` relative encoder drift; ``drift[k, j]`` for ``k < j`` is the mean over encoder
             modules of ``|f_j - f_k|^2 / |f_j|^2`` (0 on and below the diagonal).
-        cost: Total drift of the chosen key steps (the minimised objective).
+        cost: The minimised objective's value for the chosen key steps: their total drift
+            (``objective="drift"``) or the mean relative squared error of their final latents against
+            vanilla's (``"final"``).
         encoder_fraction: Share of one denoiser call's FLOPs spent in the encoder modules.
-        weights: Per-step weights of the objective (``None``: uniform).
+        weights: Per-step weights of the drift objective (``None``: uniform).
+        objective: ``"drift"`` or ``"final"``.
+        candidates: Every key-step set scored by the final objective, in order (empty for drift).
+        pipeline_calls: Pipeline calls the calibration made (the vanilla run included).
     """
 
     num_steps: int
@@ -49,6 +61,9 @@ class Calibration:
     cost: float
     encoder_fraction: float
     weights: torch.Tensor | None = None
+    objective: str = "drift"
+    candidates: tuple[Candidate, ...] = ()
+    pipeline_calls: int = 1
 
     @property
     def loop_length(self) -> int:
@@ -59,15 +74,21 @@ class Calibration:
         """Denoiser FLOPs of the vanilla loop over those with these key steps (see ``budget_for_speedup``)."""
         return speedup_for_budget(self.loop_length, self.encoder_fraction, len(self.key_steps))
 
-    def save(self, path: str | Path) -> Path:
-        """Write a preset JSON that ``FasterDiffusionConfig(key_steps=path)`` accepts."""
+    def save(self, path: str | Path, **meta: Any) -> Path:
+        """Write a preset JSON that ``FasterDiffusionConfig(key_steps=path)`` accepts; ``meta`` (e.g. the
+        call that produced it) is stored alongside."""
+        extra: dict[str, Any] = {"objective": self.objective, "pipeline_calls": self.pipeline_calls}
+        if self.candidates:
+            extra["candidates"] = [c.as_dict() for c in self.candidates]
         return save_preset_file(
             path,
             self.num_steps,
             self.key_steps,
             source="distfd.calibrate",
-            cost=round(self.cost, 6),
+            cost=round(self.cost, 6) if self.objective == "drift" else round(self.cost, 9),
             encoder_fraction=round(self.encoder_fraction, 6),
+            **extra,
+            **meta,
         )
 
 
@@ -181,6 +202,13 @@ def record_encoder_drift(
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Run the vanilla pipeline once; return the ``(L, L)`` encoder drift, the encoder FLOP share and the
     loop's timesteps."""
+    return record_vanilla(pipe, num_inference_steps, prompts, seed, **call_kwargs)[:3]
+
+
+def record_vanilla(
+    pipe: Any, num_inference_steps: int, prompts: Sequence[str], seed: int, **call_kwargs
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """:func:`record_encoder_drift` plus the run's final latents (prompt ``i`` with seed ``seed + i``)."""
     if is_applied(pipe):
         raise RuntimeError("calibrate() needs the vanilla pipeline; call handle.remove() first.")
     adapter, model = find_adapter(pipe)
@@ -202,7 +230,7 @@ def record_encoder_drift(
     generator = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     try:
         with FlopCounterMode(display=False) as counter:
-            pipe(
+            out = pipe(
                 prompt=list(prompts),
                 num_inference_steps=num_inference_steps,
                 generator=generator,
@@ -221,7 +249,8 @@ def record_encoder_drift(
     total = counts.get(root, 0)
     if total <= 0 or enc <= 0:
         raise RuntimeError(f"calibrate(): could not count the FLOPs of {root}'s encoder modules.")
-    return _relative_drift(steps), enc / total, pipe.scheduler.timesteps[-len(steps) :].cpu()
+    timesteps = pipe.scheduler.timesteps[-len(steps) :].cpu()
+    return _relative_drift(steps), enc / total, timesteps, out.images.detach().cpu()
 
 
 def calibrate(
@@ -233,16 +262,31 @@ def calibrate(
     seed: int = 0,
     save_to: str | Path | None = None,
     weighting: str = "uniform",
+    objective: str = "drift",
+    max_evals: int = 200,
+    starts: Mapping[str, Sequence[int]] | None = None,
+    mode: str = "propagate",
+    noise_alpha: float = 0.003,
+    progress: bool = False,
     **call_kwargs,
 ) -> Calibration:
-    """Choose key steps for ``pipe`` from one vanilla run (beyond the paper's hand-picked sets).
+    """Choose key steps for ``pipe`` (beyond the paper's hand-picked sets).
 
     Give either ``budget`` (the number of key steps, 0 included) or ``target_speedup`` (a denoiser-FLOP
     speed-up, turned into a budget by :func:`budget_for_speedup`). ``call_kwargs`` go to the pipeline
-    call (guidance scale, size, ...); use the ones you will generate with. ``save_to`` writes a preset
-    JSON for ``FasterDiffusionConfig(key_steps=path)``. ``weighting``: ``"uniform"`` counts every step's
-    drift alike; ``"sigma"`` weights it by how much the step moves the sample (:func:`sigma_weights`;
-    it did slightly worse on a validation split of the embedded model, so it is not the default).
+    call (guidance scale, size, ...); use the ones you will generate with. Prompt ``i`` uses noise seed
+    ``seed + i``; keep the calibration prompts apart from those you evaluate on. ``save_to`` writes a
+    preset JSON for ``FasterDiffusionConfig(key_steps=path)``.
+
+    ``objective="drift"`` (default, one vanilla call) minimises encoder drift; ``weighting``:
+    ``"uniform"`` counts every step's drift alike, ``"sigma"`` weights it by how much the step moves the
+    sample (:func:`sigma_weights`; it did slightly worse on the embedded model, so it is not the default).
+
+    ``objective="final"`` minimises the final latents' error against vanilla by local search
+    (:mod:`distfd.keysearch`) from the drift optimum, the evenly spaced set, the paper's set of the same
+    budget and any ``starts`` (name -> key steps); it costs one vanilla call plus at most ``max_evals``
+    distfd calls (``mode`` and ``noise_alpha`` as you will generate with), each on all prompts at once.
+    ``progress`` shows a progress bar over those calls.
     """
     if (budget is None) == (target_speedup is None):
         raise ValueError("give exactly one of budget (number of key steps) or target_speedup.")
@@ -253,23 +297,58 @@ def calibrate(
         )
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}.")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}; got {objective!r}.")
+    if objective == "final" and (
+        isinstance(max_evals, bool) or not isinstance(max_evals, int) or max_evals < 1
+    ):
+        raise ValueError(f"max_evals must be a positive int; got {max_evals!r}.")
+    if mode not in ("propagate", "parallel"):
+        raise ValueError(f"mode must be 'propagate' or 'parallel'; got {mode!r}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt to calibrate on.")
-    drift, fraction, timesteps = record_encoder_drift(pipe, num_inference_steps, prompts, seed, **call_kwargs)
+    drift, fraction, timesteps, reference = record_vanilla(
+        pipe, num_inference_steps, prompts, seed, **call_kwargs
+    )
     weights = sigma_weights(pipe.scheduler, timesteps) if weighting == "sigma" else None
     if weighting == "sigma" and weights is None:
         logger.warning(
             "%s has no alphas_cumprod; calibrating with uniform weights", type(pipe.scheduler).__name__
         )
+    loop_length = drift.shape[0]
     if budget is None:
-        budget = budget_for_speedup(drift.shape[0], fraction, float(target_speedup))
+        budget = budget_for_speedup(loop_length, fraction, float(target_speedup))
     keys, cost = select_key_steps(drift, budget, weights)
-    result = Calibration(num_inference_steps, keys, drift, cost, fraction, weights)
+    candidates: tuple[Candidate, ...] = ()
+    calls = 1
+    if objective == "final":
+        keys, cost, candidates, calls = _search_final(
+            pipe,
+            num_inference_steps,
+            loop_length,
+            budget,
+            keys,
+            prompts,
+            seed,
+            reference,
+            starts or {},
+            max_evals,
+            mode,
+            noise_alpha,
+            progress,
+            call_kwargs,
+        )
+    result = Calibration(
+        num_inference_steps, keys, drift, cost, fraction, weights, objective, candidates, calls
+    )
     logger.info(
-        "calibrated %d key steps for %d steps: %s (drift %.4g, encoder %.1f%% of FLOPs, %.2fx predicted)",
+        "calibrated %d key steps for %d steps (%s objective, %d pipeline calls): %s "
+        "(objective %.4g, encoder %.1f%% of FLOPs, %.2fx predicted)",
         len(keys),
         num_inference_steps,
+        objective,
+        calls,
         list(keys),
         cost,
         100 * fraction,
@@ -278,3 +357,51 @@ def calibrate(
     if save_to is not None:
         result.save(save_to)
     return result
+
+
+def _search_final(
+    pipe: Any,
+    num_steps: int,
+    loop_length: int,
+    budget: int,
+    drift_keys: tuple[int, ...],
+    prompts: list[str],
+    seed: int,
+    reference: torch.Tensor,
+    extra_starts: Mapping[str, Sequence[int]],
+    max_evals: int,
+    mode: str,
+    noise_alpha: float,
+    progress: bool,
+    call_kwargs: dict[str, Any],
+) -> tuple[tuple[int, ...], float, tuple[Candidate, ...], int]:
+    starts: dict[str, Sequence[int]] = {"drift": drift_keys, "uniform": uniform_set(loop_length, budget)}
+    paper = paper_set(pipe.scheduler, num_steps)
+    if paper is not None and len(paper) == budget:
+        starts["paper"] = paper
+    for name, keys in extra_starts.items():
+        if len(set(keys)) != budget:
+            raise ValueError(f"start set {name!r} has {len(set(keys))} key steps; the budget is {budget}.")
+        starts[name] = keys
+    objective = FinalLatentError(
+        pipe, num_steps, prompts, seed, reference, mode=mode, noise_alpha=noise_alpha, **call_kwargs
+    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max_evals, desc="calibrate", unit="call", disable=not progress)
+
+    lowest = [float("inf")]
+
+    def on_eval(c: Candidate) -> None:
+        lowest[0] = min(lowest[0], c.value)
+        bar.update(1)
+        bar.set_postfix(best=f"{lowest[0]:.3g}")
+        logger.debug("key steps %s (%s): final-latent error %.6g", list(c.key_steps), c.origin, c.value)
+
+    try:
+        best, scored = local_search(objective, loop_length, starts, max_evals=max_evals, on_eval=on_eval)
+        bar.total = bar.n  # the search stopped before max_evals: show it complete
+        bar.refresh()
+    finally:
+        bar.close()
+    return best.key_steps, best.value, tuple(scored), 1 + objective.calls

@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     # distfd reads LOCAL_RANK from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from . import generate
+    from .. import serve
+    from . import calibrate, generate
 
     generate.add_parser(sub)
-    from .. import serve
-
+    calibrate.add_parser(sub)
     serve.add_parser(sub)
     return p
 

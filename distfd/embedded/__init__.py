@@ -26,8 +26,10 @@ def default_model_path() -> Path:
 def calibrated_key_steps(scheduler: str, steps: int) -> Path | None:
     """The shipped key-step preset calibrated for this model with ``scheduler`` and ``steps``, if any.
 
-    On this model the paper's sets lose prompt adherence (they end early in the loop); a set from
-    ``distfd.calibrate`` with the same budget keeps it (README, *Quality*). The CLI uses it by default.
+    Shipped: ``ddim-50`` and ``dpm-20`` (DPM-Solver++), each with the paper's budget (9 and 7 key
+    steps), chosen by ``distfd calibrate`` on the final image (the file records the command; the
+    tests re-run it). On this model the paper's sets lose prompt adherence (they end early in the
+    loop); see README, *Quality*. The CLI uses these by default.
     """
     path = default_model_path() / "key_steps" / f"{scheduler}-{steps}.json"
     return path if path.is_file() else None

@@ -15,16 +15,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..adapters import find_adapter
 from ..autokey import calibrate
+from ..keysearch import PAPER_SETS, uniform_set
 from ..keysteps import resolve_key_steps
 from ..presets import PRESETS
 from .evaluators import Evaluator
-from .methods import AUTO, Method, MethodUnavailable, activated, parse_method
+from .methods import AUTO, Method, MethodUnavailable, activated, even_budget, parse_method
 from .metrics import psnr, ssim
 
 logger = logging.getLogger("distfd")
-
-# (scheduler class name, steps) -> the paper's key-step preset for it.
-PAPER_SETS = {("DDIMScheduler", 50): "sd-ddim-50", ("DPMSolverMultistepScheduler", 20): "sd-dpm-20"}
 
 
 @dataclass
@@ -114,24 +112,32 @@ def denoiser_flops(pipe: Any, setup: Setup) -> float:
 
 
 def resolve_keys(pipe: Any, method: Method, setup: Setup, cache: dict[str, Any]) -> Any:
-    """Concrete key steps for a distfd method: ``paper`` -> preset, ``auto*`` -> one calibration each."""
+    """Concrete key steps for a distfd method: ``paper`` -> preset, ``even-K`` -> K evenly spread steps,
+    ``auto*`` -> one calibration each."""
     if method.kind != "distfd":
         return None
     paper = paper_key_steps(pipe, setup.num_steps)
     if method.keys == "paper":
         return paper
+    k = even_budget(method.keys)
+    if k is not None:
+        if k > setup.num_steps:
+            raise ValueError(f"{method.name}: {k} key steps exceed the {setup.num_steps} steps.")
+        return list(uniform_set(setup.num_steps, k))
     if method.keys not in AUTO:
         return method.keys
     if method.keys not in cache:
         budget = setup.budget or len(_expand(paper, setup.num_steps))
         prompts = setup.calibration_prompts or setup.prompts[:4]
+        objective, weighting = AUTO[method.keys]
         result = calibrate(
             pipe,
             setup.num_steps,
             budget=budget,
             prompts=prompts,
             seed=setup.seed + 100_000,
-            weighting=AUTO[method.keys],
+            weighting=weighting,
+            objective=objective,
             guidance_scale=setup.guidance_scale,
             **setup.call_kwargs,
         )

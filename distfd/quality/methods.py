@@ -4,9 +4,11 @@ Names:
     ``vanilla``                      the pipeline as is
     ``<mode>[:<keys>][:nonoise]``    distfd with ``mode`` in ``propagate`` / ``parallel``; ``keys`` is
                                      ``paper`` (default: the paper's set for the scheduler), ``auto``
-                                     (calibrated, same budget as the paper's set unless given;
-                                     ``auto-sigma``: sigma-weighted objective),
-                                     ``uniform-K``, a preset name or a preset ``.json``; ``nonoise``
+                                     (calibrated on encoder drift, same budget as the paper's set
+                                     unless given; ``auto-sigma``: sigma-weighted drift; ``auto-final``:
+                                     the final-image objective), ``even-K`` (K key steps spread
+                                     evenly), ``uniform-K`` (every K-th step), a preset name or a
+                                     preset ``.json``; ``nonoise``
                                      turns prior noise injection off.
     ``deepcache-N``                  DeepCache (``DeepCacheSDHelper``), cache interval N, branch 0.
 """
@@ -40,9 +42,22 @@ DEFAULT_METHODS = (
     "deepcache-5",
 )
 
-GRAMMAR = "vanilla | propagate|parallel[:paper|auto|auto-sigma|uniform-K|<preset>|<file.json>][:nonoise] | deepcache-N"
-# Calibrated key steps (distfd.calibrate) by objective weighting.
-AUTO = {"auto": "uniform", "auto-sigma": "sigma"}
+GRAMMAR = (
+    "vanilla | propagate|parallel[:paper|auto|auto-sigma|auto-final|even-K|uniform-K|<preset>|<file.json>]"
+    "[:nonoise] | deepcache-N"
+)
+# Calibrated key steps (distfd.calibrate): name -> (objective, drift weighting).
+AUTO = {"auto": ("drift", "uniform"), "auto-sigma": ("drift", "sigma"), "auto-final": ("final", "uniform")}
+
+
+def even_budget(keys: str) -> int | None:
+    """``K`` of an ``even-K`` spec (K key steps spread evenly over the loop), else ``None``."""
+    if not keys.startswith("even-"):
+        return None
+    k = keys.removeprefix("even-")
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"bad key steps {keys!r}: use even-K with an integer K >= 1.")
+    return int(k)
 
 
 class MethodUnavailable(RuntimeError):
@@ -77,7 +92,8 @@ def parse_method(name: str) -> Method:
     keys = rest[0] if rest else "paper"
     if keys not in ("paper", *AUTO):
         try:
-            KeySteps.parse(keys)
+            if even_budget(keys) is None:
+                KeySteps.parse(keys)
         except ValueError as e:
             raise ValueError(f"bad configuration {name!r}: {e}") from e
     return Method(name, "distfd", mode=mode, keys=keys, noise=noise)

@@ -34,6 +34,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def short_name(name: str) -> str:
+    """A configuration name as shown: a preset file by its file name only."""
+    parts = name.split(":")
+    return ":".join(Path(x).name if x.endswith(".json") else x for x in parts)
+
+
 def _keys(row: Row) -> str:
     if row.key_steps is None:
         return "-"
@@ -56,10 +62,10 @@ def markdown(rows: Sequence[Row], title: str, meta: Mapping[str, Any]) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.skipped:
-            lines.append(f"| {r.name} | skipped: {r.skipped} |" + " |" * (len(head) - 2))
+            lines.append(f"| {short_name(r.name)} | skipped: {r.skipped} |" + " |" * (len(head) - 2))
             continue
         cells = [
-            r.name,
+            short_name(r.name),
             _keys(r),
             _fmt(r.flops_speedup),
             _fmt(r.seconds_per_image),
