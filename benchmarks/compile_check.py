@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dynamic", choices=["none", "true", "false"], default="none")
     p.add_argument("--styles", default="module,inplace")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument(
+        "--key-steps", default=None, help="preset or list (default: the embedded model's calibrated set)"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("compile-check.json"))
     return p.parse_args(argv)
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     from distfd.embedded import calibrated_key_steps
     from distfd.keysteps import resolve_key_steps
 
-    key_file = calibrated_key_steps("ddim", args.steps)
-    keys = list(resolve_key_steps(str(key_file), args.steps)) if key_file else "uniform-5"
+    spec = args.key_steps or calibrated_key_steps("ddim", args.steps) or "uniform-5"
+    keys = list(resolve_key_steps(str(spec), args.steps))
     config = distfd.FasterDiffusionConfig(key_steps=keys, mode="parallel")
     pipe = load(device)
     unet = pipe.unet
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "key_steps": keys,
     }
-    ks = keys if isinstance(keys, list) else list(range(0, args.steps, 5))
+    ks = keys
     dynamic = args.dynamic == "true"
     result["planned"] = {
         "graphs": planned_graphs(ks, args.steps, 2, dynamic=dynamic).graphs,

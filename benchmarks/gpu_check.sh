@@ -102,8 +102,9 @@ echo "environment: $(tail -n 1 "$WORK/env.txt")" | tee -a "$SUMMARY"
 # 2. Compiled distfd on the embedded model: both compile styles give the eager distfd latents, the
 #    planned graphs, nothing compiled by a later call, host syncs per image (vanilla / eager / compiled).
 #    aot_eager: dynamo's graphs without inductor's compile time.
-wanted compile_check && section compile_check 100 "$PY" benchmarks/compile_check.py --device "$DEVICE" --backend aot_eager \
-  --steps "$STEPS" --out "$WORK/compile-check-aot_eager.json"
+#    The paper's key steps: both decoder paths (a one-step group's own rows, gathered rows), 6 graphs.
+wanted compile_check && section compile_check 120 "$PY" benchmarks/compile_check.py --device "$DEVICE" --backend aot_eager \
+  --steps "$STEPS" --key-steps "$KEYS" --out "$WORK/compile-check-aot_eager.json"
 
 # 3. Two ranks on one GPU over gloo give the one-rank fp16 image (the CUDA path of the runtime).
 export PY DEVICE STEPS KEYS WORK

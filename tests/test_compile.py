@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import distfd
 from distfd.compiling import graph_breaks, graphs_compiled, unwrap, warm_up
+from distfd.embedded import calibrated_key_steps
 from distfd.keysteps import resolve_key_steps
 from distfd.passes import CompiledPasses, planned_graphs
 
@@ -151,10 +152,15 @@ def test_planned_graphs_for_fifty_steps():
     assert planned_graphs(paper, 50, CFG_ROWS).graphs == 6
     assert planned_graphs(paper, 50, CFG_ROWS, dynamic=True).graphs == 3
     assert planned_graphs(paper, 50, CFG_ROWS).captures == 6  # CUDA graphs: one per pass shape
-    # The calibrated set: groups of 4, 5, 6, 8 steps -> 8, 10, 12, 16 rows.
+    # The drift-calibrated set: groups of 4, 5, 6, 8 steps -> 8, 10, 12, 16 rows.
     assert planned_graphs(calibrated, 50, CFG_ROWS).graphs == 5
     assert planned_graphs(calibrated, 50, CFG_ROWS, dynamic=True).graphs == 2
     assert planned_graphs(calibrated, 50, CFG_ROWS).captures == 5
+    # The set shipped for the embedded model (the README's table says 8 / 2 / 8: update it with it).
+    shipped = resolve_key_steps(str(calibrated_key_steps("ddim", 50)), 50)
+    assert shipped == (0, 7, 10, 13, 17, 25, 31, 36, 45), "the shipped key steps changed: update the README"
+    assert planned_graphs(shipped, 50, CFG_ROWS).graphs == 8
+    assert planned_graphs(shipped, 50, CFG_ROWS, dynamic=True).graphs == 2
     # Two ranks (rank 0 encodes): each rank's share of a group is its own batch size.
     # (a 2-step group's second half is one step's rows in order: the pipeline's own tensors.)
     two = planned_graphs(paper, 50, CFG_ROWS, world_size=2, rank=1, encodes=False)
