@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -243,6 +244,10 @@ def _rendezvous(backend: str, rank: int, world: int, dev: torch.device, timeout_
     outcome: dict[str, BaseException] = {}
 
     def join() -> None:
+        # The backend's threads start here and inherit this thread's signal mask: with SIGTERM/SIGINT
+        # blocked they never take a signal meant for the main thread (which runs the handlers and may
+        # be inside a collective then), so a stop signal cannot interrupt their socket calls.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
         try:
             dist.init_process_group(
                 backend,

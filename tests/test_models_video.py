@@ -33,7 +33,9 @@ def test_text_to_video_equivalences():
     handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=KEYS))
     assert [m.name for m in handle.engine.modules][:2] == ["conv_in", "transformer_in"]
     handle.remove()
-    check_equivalences(pipe, t2v_call, STEPS, KEYS)
+    # Frames are folded into the batch: with one torch thread the parallel batch's sums round apart
+    # by up to ~1.5e-5 near zero (as for IF stage I).
+    check_equivalences(pipe, t2v_call, STEPS, KEYS, atol=5e-5)
 
 
 def test_text_to_video_zero_is_refused():
