@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
+import sys
 
 from .cli.options import (
     HelpFormatter,
@@ -129,11 +131,27 @@ def run(args) -> int:
         stop = StopFlag()
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         code = RankLoop(ctx, session, stop, dispatcher, metrics).serve()
-        return code
     finally:
         if http is not None:
             http.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if code == 0:
+        if code == 0 and ctx.world_size == 1:
             ctx.close()
+    if ctx.world_size > 1:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End a rank of several at once, once its loop has ended (stopped or a rank lost).
+
+    The ranks leave at slightly different moments, and gloo's worker threads can then abort a process
+    while it tears the group down or finalises the interpreter (SIGABRT, "terminate called without an
+    active exception"), turning a clean exit 0, or the intended exit 1, into -6. Every collective of the
+    service has completed (or failed) by now, so nothing is lost by leaving without that teardown.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
