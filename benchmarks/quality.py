@@ -10,7 +10,7 @@ or preset JSON, and ``deepcache-N``.
 
 Besides the table it writes ``<name>-speed.{png,md,json}``: quality against the end-to-end speed-up of
 each configuration on a GPU from the latency benchmark's JSON (``--latency``; default: the SD-1.5
-H200 results in benchmarks/results/gpu-h200 for the scheduler and step count), see
+H200 results in benchmarks/results/h200-2026-11-29 for the scheduler and step count), see
 ``benchmarks/speed_quality.py``. ``--replot`` redraws those from an existing result JSON only, adding
 the configurations of the result JSONs named by ``--also`` (runs on the same prompts and seeds).
 """
@@ -124,7 +124,7 @@ def load(args: argparse.Namespace):
     return sources.load_path_pipeline(args.model, args.device, dtype), prompts, calib, evaluator, 7.5
 
 
-GPU_RESULTS = ROOT / "benchmarks" / "results" / "gpu-h200"
+GPU_RESULTS = ROOT / "benchmarks" / "results" / "h200-2026-11-29"
 
 
 def latency_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import speed_quality as sq
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "gpu-h200"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "h200-2026-11-29"
 
 
 def latency(kind: str) -> dict:
