@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .validate import is_int
+
 MODES = ("propagate", "parallel", "off")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
@@ -34,15 +32,6 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def parse_key_steps_text(text: str) -> str | tuple[int, ...]:
-    """A CLI value: '0,1,5' -> (0, 1, 5); anything else (preset name, 'uniform-K', .json) unchanged.
-    Whether it is valid is :class:`~distfd.keysteps.KeySteps`'s to say, the same for every path."""
-    parts = [p.strip() for p in text.split(",")]
-    if any(parts) and all(p.isdigit() for p in parts if p):
-        return tuple(int(p) for p in parts if p)
-    return text
-
-
 def _check_key_steps(value: Any) -> str | tuple[int, ...] | None:
     """The request's key steps, checked by :meth:`distfd.keysteps.KeySteps.parse` (the rules every
     way of giving them meets; a preset file is read here): None (the default for the model, scheduler
@@ -51,9 +40,9 @@ def _check_key_steps(value: Any) -> str | tuple[int, ...] | None:
         return None
     from .keysteps import KeySteps
 
-    if isinstance(value, str):
-        KeySteps.parse(value)
-        return value.strip()
+    if isinstance(value, str):  # a list written '0,1,5' ends as indices, like a JSON list
+        parsed = KeySteps.parse(value)
+        return tuple(parsed.indices) if parsed.source == "list" else value.strip()
     if isinstance(value, list | tuple):
         parsed = KeySteps.parse(list(value))
         return tuple(parsed.indices)
@@ -99,11 +88,11 @@ class ImageRequest:
             raise TypeError(
                 f"negative_prompt must be a string or null; got {_type_name(self.negative_prompt)}."
             )
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise TypeError(f"seed must be an integer; got {self.seed!r} ({_type_name(self.seed)}).")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in 0 .. 2**64-1; got {self.seed}.")
-        if not _is_int(self.steps):
+        if not is_int(self.steps):
             raise TypeError(f"steps must be an integer; got {self.steps!r} ({_type_name(self.steps)}).")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}.")
@@ -112,7 +101,7 @@ class ImageRequest:
             v = getattr(self, side)
             if v is None:
                 continue
-            if not _is_int(v):
+            if not is_int(v):
                 raise TypeError(f"{side} must be an integer number of pixels; got {v!r} ({_type_name(v)}).")
             if v < 8:
                 raise ValueError(f"{side} must be at least 8 pixels; got {v}.")
@@ -295,9 +284,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _pair(v: Any) -> tuple[int, int] | None:
-    if _is_int(v):
+    if is_int(v):
         return (v, v)
-    if isinstance(v, list | tuple) and len(v) == 2 and all(_is_int(x) for x in v):
+    if isinstance(v, list | tuple) and len(v) == 2 and all(is_int(x) for x in v):
         return (v[0], v[1])
     return None
 
@@ -358,4 +347,4 @@ def check_for_model(
     return dataclasses.replace(req, height=height, width=width)
 
 
-__all__ = ["MODES", "ImageRequest", "ModelFacts", "check_for_model", "parse_key_steps_text"]
+__all__ = ["MODES", "ImageRequest", "ModelFacts", "check_for_model"]

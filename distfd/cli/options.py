@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from .. import compiling, samplers
-from ..request import MODES, ImageRequest, parse_key_steps_text
+from ..request import MODES, ImageRequest
 
 DEFAULT_PROMPT = "a small red circle at the top left on a blue background"
 
@@ -80,7 +80,6 @@ def add_request_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=None, help="pixels; default: the model's")
     g.add_argument(
         "--key-steps",
-        type=parse_key_steps_text,
         default=None,
         help="preset name (sd-ddim-50, sd-dpm-20, uniform-K, ...), a preset .json file, or indices "
         "such as 0,1,2,5; default: the paper's preset for the scheduler rescaled to --steps (on the "
