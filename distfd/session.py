@@ -118,6 +118,7 @@ class Session:
         self._config(ImageRequest("x", key_steps=(0,)))
         check_same_on_all_ranks(ctx, self.settings(), "session settings")
         self._kept = None  # distfd's handle kept applied across requests (compiled denoiser)
+        self._defaults: dict[int, tuple[Any, bool]] = {}  # steps -> (parsed default key steps, rescale)
         self.pipe = self._load(step_progress)
         self.facts = ModelFacts.from_pipeline(self.pipe)
 
@@ -152,9 +153,16 @@ class Session:
         return default_key_steps(self.model, self.scheduler, steps)
 
     def key_steps_spec(self, req: ImageRequest) -> tuple[Any, bool]:
+        """(parsed key steps, rescale) of ``req``; a default (a shipped preset file, say) is read once
+        per step count, not at every request."""
+        from .keysteps import KeySteps
+
         if req.key_steps is not None:
-            return req.key_steps, False
-        return self.default_key_steps(req.steps)
+            return KeySteps.parse(req.key_steps), False
+        if req.steps not in self._defaults:
+            spec, rescale = self.default_key_steps(req.steps)
+            self._defaults[req.steps] = (KeySteps.parse(spec), rescale)
+        return self._defaults[req.steps]
 
     def check(self, req: ImageRequest) -> ImageRequest:
         """The model-dependent checks (local, no collective); returns the request as it will run."""
@@ -174,14 +182,14 @@ class Session:
             key_steps=spec, mode=req.mode, rescale_key_steps=rescale, **self.engine_options
         )
 
+    def _resolved(self, req: ImageRequest, config) -> list[int]:
+        return list(
+            config.key_steps.resolve(req.steps, self._loop_length(req.steps), config.rescale_key_steps)
+        )
+
     def key_steps_for(self, req: ImageRequest) -> list[int] | None:
         """The key steps ``req`` runs with (None for mode 'off')."""
-        if req.mode == "off":
-            return None
-        from .keysteps import resolve_key_steps
-
-        spec, rescale = self.key_steps_spec(req)
-        return list(resolve_key_steps(spec, req.steps, self._loop_length(req.steps), allow_rescale=rescale))
+        return None if req.mode == "off" else self._resolved(req, self._config(req))
 
     def warmup(self) -> None:
         """One short vanilla call (2 steps, or the scheduler's minimum): first-call costs out of the
@@ -199,12 +207,13 @@ class Session:
 
         req = self.check(req)
         check_same_on_all_ranks(self.ctx, req.to_dict(), "requests")
-        key_steps = self.key_steps_for(req)
         if req.mode == "off":
             self._drop_kept()
             image, seconds = self._call(req)
             return Result(image, seconds, None, {"collectives": 0, "bytes_sent": 0}, req)
-        handle = self._apply(self._config(req))
+        config = self._config(req)  # the key steps parsed once for this request
+        key_steps = self._resolved(req, config)
+        handle = self._apply(config)
         counted = handle.engine.counters.as_dict()  # cumulative on a kept handle: this call's share
         try:
             image, seconds = self._call(req)
