@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distfd.embedded import calibration_captions  # noqa: E402
 from distfd.quality import harness, report, sources  # noqa: E402
 from distfd.quality.evaluators import WeightsMissing  # noqa: E402
 from distfd.quality.methods import DEFAULT_METHODS, GRAMMAR, parse_methods  # noqa: E402
@@ -98,7 +99,7 @@ def load(args: argparse.Namespace):
     if args.model == "embedded":
         pipe = sources.load_embedded_pipeline()
         prompts, labels = sources.embedded_prompts(args.num_prompts, args.prompt_seed)
-        calib, _ = sources.embedded_prompts(8, args.prompt_seed + 1)
+        calib = calibration_captions(8, args.prompt_seed + 1, evaluation_seed=args.prompt_seed)
         evaluator = sources.embedded_evaluator(labels, args.reference_count, args.prompt_seed + 2)
         return pipe, prompts, calib, evaluator, 7.5
     if args.model == "tiny":

@@ -46,8 +46,8 @@ class Calibration:
         drift: ``(L, L)`` relative encoder drift; ``drift[k, j]`` for ``k < j`` is the mean over encoder
             modules of ``|f_j - f_k|^2 / |f_j|^2`` (0 on and below the diagonal).
         cost: The minimised objective's value for the chosen key steps: their total drift
-            (``objective="drift"``) or the mean relative squared error of their final latents against
-            vanilla's (``"final"``).
+            (``objective="drift"``) or the mean over prompts of their final latents' relative squared
+            error against vanilla's, in dB (``"final"``; :class:`distfd.keysearch.FinalLatentError`).
         encoder_fraction: Share of one denoiser call's FLOPs spent in the encoder modules.
         weights: Per-step weights of the drift objective (``None``: uniform).
         objective: ``"drift"`` or ``"final"``.
@@ -395,8 +395,8 @@ def _search_final(
     def on_eval(c: Candidate) -> None:
         lowest[0] = min(lowest[0], c.value)
         bar.update(1)
-        bar.set_postfix(best=f"{lowest[0]:.3g}")
-        logger.debug("key steps %s (%s): final-latent error %.6g", list(c.key_steps), c.origin, c.value)
+        bar.set_postfix(best=f"{lowest[0]:.2f} dB")
+        logger.debug("key steps %s (%s): final-latent error %.4f dB", list(c.key_steps), c.origin, c.value)
 
     try:
         best, scored = local_search(objective, loop_length, starts, max_evals=max_evals, on_eval=on_eval)

@@ -6,12 +6,20 @@ of the replayed features, not of the image: on DPM-Solver++-20 a plain uniform s
 optimum. Here the objective is what users see. For a candidate set ``S`` the pipeline runs once with
 distfd (``propagate`` mode on one process: the same numbers as ``parallel``, FasterDiffusion Sec. 3.3)
 on the calibration prompts, all in one batch, and the score is the mean over prompts of
-``|x_S - x_vanilla|^2 / |x_vanilla|^2`` on the final latents (before the VAE).
+``10 log10(|x_S - x_vanilla|^2 / |x_vanilla|^2)`` on the final latents (before the VAE): the error in
+dB, lower is better, i.e. minus the mean latent PSNR. The mean of the logarithm ranks sets as the mean
+image PSNR of an evaluation does; the mean of the plain ratio is ruled by the worst prompt or two. On
+the embedded model's 128 held-out captions with DPM-Solver++-20, the set that minimised the plain ratio
+on 8 calibration prompts also had the lower plain ratio on the held-out captions (0.109 against 0.126
+for ``uniform-3``), yet the lower image PSNR (29.88 against 31.07 dB); the mean logarithm ranked the
+two as PSNR did (-10.9 against -12.8 dB).
 
 Search: every start set (the drift optimum, the evenly spaced set and the paper's set of the same size)
-is scored; from the best one, coordinate descent moves one key step at a time (0 stays) by
-``+-1, +-2, +-3, +-5, +-8`` loop indices between its neighbours, takes the best move of each position if it
-lowers the error, and sweeps the positions until a sweep changes nothing or ``max_evals`` is spent.
+is scored; from each of them in turn, the best first, coordinate descent moves one key step at a time
+(0 stays) by ``+-1, +-2, +-3, +-5, +-8`` loop indices between its neighbours, takes the best move of each
+position if it lowers the error, and sweeps the positions until a sweep changes nothing; the search
+ends when every start has been descended from or ``max_evals`` is spent, and returns the best set
+scored. Descents that meet share their scores (no set is scored twice).
 
 Cost in pipeline calls: one vanilla call (shared with the drift recording) plus one call per distinct
 set scored, at most ``max_evals``; each call runs every calibration prompt (as one batch).
@@ -29,6 +37,8 @@ import torch
 logger = logging.getLogger("distfd")
 
 OBJECTIVES = ("drift", "final")
+# The final objective's value for latents equal to vanilla's (the error ratio is clamped at 1e-30).
+FLOOR_DB = -300.0
 MOVES = (1, 2, 3, 5, 8)
 # (scheduler class name, steps) -> the paper's key-step preset for it.
 PAPER_SETS = {("DDIMScheduler", 50): "sd-ddim-50", ("DPMSolverMultistepScheduler", 20): "sd-dpm-20"}
@@ -70,7 +80,8 @@ class _QuietRuns(logging.Filter):
 
 
 class FinalLatentError:
-    """``objective(key_steps)``: mean relative squared error of the final latents against vanilla's.
+    """``objective(key_steps)``: mean over prompts of the final latents' relative squared error against
+    vanilla's, in dB (``10 log10``); lower is better.
 
     Args:
         pipe: The vanilla pipeline (distfd is applied and removed around each call).
@@ -126,7 +137,7 @@ class FinalLatentError:
         x = self.latents(key_steps)
         ref = self.reference
         err = (x - ref).pow(2).flatten(1).sum(1) / ref.pow(2).flatten(1).sum(1).clamp(min=1e-30)
-        return float(err.mean())
+        return float(10 * err.clamp(min=10 ** (FLOOR_DB / 10)).log10().mean())
 
 
 def neighbours(keys: tuple[int, ...], position: int, loop_length: int, moves: Iterable[int] = MOVES):
@@ -148,7 +159,7 @@ def local_search(
     moves: Iterable[int] = MOVES,
     on_eval: Callable[[Candidate], None] | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
-    """Coordinate descent from the best of ``starts`` (all of one size, 0 included); see the module
+    """Coordinate descent from each of ``starts``, best first (all of one size, 0 included); see the module
     docstring. Returns the best set and every set scored, in order. Deterministic for a deterministic
     objective: starts are scored in the given order, ties keep the current set."""
     moves = tuple(moves)
@@ -176,18 +187,24 @@ def local_search(
                 f"start set {origin!r} {list(keys)} must start at 0 and stay below {loop_length}."
             )
         score(keys, origin)
-    best = min(seen.values(), key=lambda c: c.value)
-    changed = True
-    while changed and len(seen) < max_evals:
-        changed = False
-        for position in range(1, len(best.key_steps)):
-            trial = best
-            for keys in neighbours(best.key_steps, position, loop_length, moves):
-                if len(seen) >= max_evals and keys not in seen:
-                    break
-                cand = score(keys, "search")
-                if cand.value < trial.value:
-                    trial = cand
-            if trial is not best:
-                best, changed = trial, True
-    return best, scored
+    overall = min(seen.values(), key=lambda c: c.value)
+    # Descend from every start, the best first (a stable sort keeps the given order among ties).
+    for start in sorted(list(scored), key=lambda c: c.value):
+        if len(seen) >= max_evals:
+            break
+        best, changed = start, True
+        while changed and len(seen) < max_evals:
+            changed = False
+            for position in range(1, len(best.key_steps)):
+                trial = best
+                for keys in neighbours(best.key_steps, position, loop_length, moves):
+                    if len(seen) >= max_evals and keys not in seen:
+                        break
+                    cand = score(keys, "search")
+                    if cand.value < trial.value:
+                        trial = cand
+                if trial is not best:
+                    best, changed = trial, True
+        if best.value < overall.value:
+            overall = best
+    return overall, scored

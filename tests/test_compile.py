@@ -156,10 +156,10 @@ def test_planned_graphs_for_fifty_steps():
     assert planned_graphs(calibrated, 50, CFG_ROWS).graphs == 5
     assert planned_graphs(calibrated, 50, CFG_ROWS, dynamic=True).graphs == 2
     assert planned_graphs(calibrated, 50, CFG_ROWS).captures == 5
-    # The set shipped for the embedded model (the README's table says 8 / 2 / 8: update it with it).
+    # The set shipped for the embedded model (the README's table says 5 / 2 / 5: update it with it).
     shipped = resolve_key_steps(str(calibrated_key_steps("ddim", 50)), 50)
-    assert shipped == (0, 7, 10, 13, 17, 25, 31, 36, 45), "the shipped key steps changed: update the README"
-    assert planned_graphs(shipped, 50, CFG_ROWS).graphs == 8
+    assert shipped == (0, 7, 10, 13, 20, 26, 33, 39, 46), "the shipped key steps changed: update the README"
+    assert planned_graphs(shipped, 50, CFG_ROWS).graphs == 5
     assert planned_graphs(shipped, 50, CFG_ROWS, dynamic=True).graphs == 2
     # Two ranks (rank 0 encodes): each rank's share of a group is its own batch size.
     # (a 2-step group's second half is one step's rows in order: the pipeline's own tensors.)

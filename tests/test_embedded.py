@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from distfd.cli import main
-from distfd.embedded import default_model_path, judge_path, load_judge
+from distfd.embedded import calibration_captions, default_model_path, judge_path, load_judge
 from distfd.embedded.judge import accuracy
 from distfd.embedded.scenes import ATTRIBUTES, generate_scenes, sample_captions
 
@@ -93,6 +93,16 @@ def test_sample_captions_match_scenes():
     assert caps == scenes.captions
     assert set(ATTRIBUTES) <= set(labels)
     assert torch.equal(labels["shape"], scenes.labels["shape"])
+
+
+def test_calibration_captions_share_none_with_the_evaluation_draw():
+    evaluation = set(sample_captions(200, 424242)[0])
+    draw = sample_captions(64, 424243)[0]
+    assert set(draw) & evaluation  # the caption space is small: a plain draw would overlap
+    calib = calibration_captions(64)
+    assert len(calib) == 64 and not set(calib) & evaluation
+    assert calib == [c for c in sample_captions(256, 424243)[0] if c not in evaluation][:64]
+    assert calibration_captions(8) == calib[:8]  # a longer list extends a shorter one
 
 
 def test_judge_accuracy_on_fresh_scenes():

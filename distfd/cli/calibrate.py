@@ -7,7 +7,7 @@ pipeline calls spent, and the command that produced it (so it can be re-run):
     distfd calibrate --scheduler dpm --steps 20 --budget 7 --out key_steps/dpm-20.json
 
 On the embedded model the calibration prompts default to a seeded draw of scene captions
-(--num-prompts, --prompt-seed) that is not the quality harness's evaluation draw; for another
+(--num-prompts, --prompt-seed) that skips every caption of the quality harness's evaluation draw; for another
 model give --prompts FILE (one per line), kept apart from the prompts you evaluate on.
 """
 
@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ..embedded import CALIBRATION_CAPTION_SEED
 from ..samplers import SCHEDULERS
 from .options import HelpFormatter
 
@@ -27,8 +28,8 @@ logger = logging.getLogger("distfd")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # The paper's budgets: its preset's size for the scheduler and step count (Supp. C).
 PAPER_BUDGETS = {("ddim", 50): 9, ("dpm", 20): 7, ("dpm++", 20): 7}
-# Seeds of the embedded model's calibration draw; the quality harness evaluates on prompt seed 424242.
-EMBEDDED_PROMPT_SEED = 424243
+# Seed of the embedded model's calibration draw (its captions skip the quality harness's evaluation draw).
+EMBEDDED_PROMPT_SEED = CALIBRATION_CAPTION_SEED
 CALIBRATION_SEED = 100_000
 
 
@@ -51,12 +52,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--target-speedup", type=float, help="denoiser-FLOP speed-up to reach instead of --budget"
     )
     c.add_argument("--prompts", type=Path, help="calibration prompts, one per line (needed for --model)")
-    c.add_argument("--num-prompts", type=int, default=8, help="how many prompts to calibrate on")
+    c.add_argument(
+        "--num-prompts",
+        type=int,
+        default=8,
+        help="how many prompts to calibrate on; more generalise better (the embedded model's shipped sets used 32)",
+    )
     c.add_argument(
         "--prompt-seed",
         type=int,
         default=EMBEDDED_PROMPT_SEED,
-        help="seed of the embedded model's caption draw (not the quality harness's 424242)",
+        help="seed of the embedded model's caption draw (captions of the quality harness's draw 424242 are skipped)",
     )
     c.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="prompt i uses noise seed SEED + i")
     c.add_argument(
@@ -115,9 +121,9 @@ def prompts_for(args: argparse.Namespace) -> list[str]:
         from ..quality.sources import read_prompts
 
         return read_prompts(args.prompts, args.num_prompts)
-    from ..embedded.scenes import sample_captions
+    from ..embedded import calibration_captions
 
-    return sample_captions(args.num_prompts, args.prompt_seed)[0]
+    return calibration_captions(args.num_prompts, args.prompt_seed)
 
 
 def load(args: argparse.Namespace) -> Any:
@@ -226,7 +232,10 @@ def run(args: argparse.Namespace) -> int:
         calibration={"command": command_line(args), "prompts": prompts_for(args)},
     )
     lines = [f"wrote {out}", f"key steps ({len(result.key_steps)} of {args.steps}): {list(result.key_steps)}"]
-    lines.append(f"{args.objective} objective: {result.cost:.6g}; {result.pipeline_calls} pipeline call(s)")
+    unit = " dB (final latents' error against vanilla; lower is better)" if args.objective == "final" else ""
+    lines.append(
+        f"{args.objective} objective: {result.cost:.6g}{unit}; {result.pipeline_calls} pipeline call(s)"
+    )
     for c in result.candidates:
         if c.origin != "search":
             lines.append(f"  start {c.origin:<8} {list(c.key_steps)}: {c.value:.6g}")

@@ -4,7 +4,8 @@
 directory (32x32 images of coloured shapes, prompts such as
 ``"a small red circle at the top left on a blue background"``) that loads
 offline; ``load_judge()`` returns the attribute classifier used to score
-samples from it; ``calibrated_key_steps()`` the key-step sets calibrated for it.
+samples from it; ``calibrated_key_steps()`` the key-step sets calibrated for it;
+``calibration_captions()`` the prompts they were calibrated on, apart from the evaluation captions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ if TYPE_CHECKING:
     from .judge import Judge
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# The quality harness evaluates on this caption draw (never used for training); calibration draws
+# from CALIBRATION_CAPTION_SEED and skips the first EVALUATION_CAPTIONS_APART captions of it.
+EVALUATION_CAPTION_SEED = 424242
+CALIBRATION_CAPTION_SEED = 424243
+EVALUATION_CAPTIONS_APART = 200
 
 
 def default_model_path() -> Path:
@@ -35,6 +41,24 @@ def calibrated_key_steps(scheduler: str, steps: int) -> Path | None:
     return path if path.is_file() else None
 
 
+def calibration_captions(
+    n: int, seed: int = CALIBRATION_CAPTION_SEED, evaluation_seed: int = EVALUATION_CAPTION_SEED
+) -> list[str]:
+    """``n`` scene captions to calibrate key steps on: the draw of ``seed`` in order, skipping every
+    caption among the first 200 of the evaluation draw ``evaluation_seed`` (the model's caption space
+    is small: 3 of the first 32 captions of seed 424243 are among the first 128 of seed 424242), so
+    calibration and evaluation share no prompt."""
+    from .scenes import sample_captions
+
+    apart = set(sample_captions(EVALUATION_CAPTIONS_APART, evaluation_seed)[0])
+    drawn = n
+    while True:
+        kept = [c for c in sample_captions(drawn, seed)[0] if c not in apart]
+        if len(kept) >= n:
+            return kept[:n]
+        drawn *= 2
+
+
 def judge_path() -> Path:
     """Directory of the shipped judge weights."""
     return WEIGHTS_DIR / "judge"
@@ -47,4 +71,4 @@ def load_judge() -> Judge:
     return _load(judge_path())
 
 
-__all__ = ["calibrated_key_steps", "default_model_path", "judge_path", "load_judge"]
+__all__ = ["calibrated_key_steps", "calibration_captions", "default_model_path", "judge_path", "load_judge"]
