@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from .judge import Judge
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-# The quality harness evaluates on this caption draw (never used for training); calibration draws
-# from CALIBRATION_CAPTION_SEED and skips the first EVALUATION_CAPTIONS_APART captions of it.
+# The quality harness evaluates on the caption draw EVALUATION_CAPTION_SEED (never used for training);
+# calibration draws from CALIBRATION_CAPTION_SEED and skips every caption among the first
+# EVALUATION_CAPTIONS_APART of the evaluation draw.
 EVALUATION_CAPTION_SEED = 424242
 CALIBRATION_CAPTION_SEED = 424243
 EVALUATION_CAPTIONS_APART = 200
@@ -45,9 +46,9 @@ def calibration_captions(
     n: int, seed: int = CALIBRATION_CAPTION_SEED, evaluation_seed: int = EVALUATION_CAPTION_SEED
 ) -> list[str]:
     """``n`` scene captions to calibrate key steps on: the draw of ``seed`` in order, skipping every
-    caption among the first 200 of the evaluation draw ``evaluation_seed`` (the model's caption space
-    is small: 3 of the first 32 captions of seed 424243 are among the first 128 of seed 424242), so
-    calibration and evaluation share no prompt."""
+    caption among the first ``EVALUATION_CAPTIONS_APART`` (200) of the evaluation draw
+    ``evaluation_seed``, so calibration and evaluation share no prompt (the model's caption space is
+    small: 3 of the first 32 captions of seed 424243 are among the first 128 of seed 424242)."""
     from .scenes import sample_captions
 
     apart = set(sample_captions(EVALUATION_CAPTIONS_APART, evaluation_seed)[0])
