@@ -189,7 +189,7 @@ def local_search(
         score(keys, origin)
     overall = min(seen.values(), key=lambda c: c.value)
     # Descend from every start, the best first (a stable sort keeps the given order among ties).
-    for start in sorted(list(scored), key=lambda c: c.value):
+    for start in sorted(scored, key=lambda c: c.value):
         if len(seen) >= max_evals:
             break
         best, changed = start, True

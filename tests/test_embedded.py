@@ -17,6 +17,7 @@ from distfd.cli import main
 from distfd.embedded import calibration_captions, default_model_path, judge_path, load_judge
 from distfd.embedded.judge import accuracy
 from distfd.embedded.scenes import ATTRIBUTES, generate_scenes, sample_captions
+from distfd.quality.sources import load_embedded_pipeline
 
 from .multirank import free_port
 
@@ -25,13 +26,7 @@ TEST_SEED = 987_654  # not used by train_judge (seed 0) nor by train_pipeline (s
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import StableDiffusionPipeline
-
-    p = StableDiffusionPipeline.from_pretrained(
-        default_model_path(), dtype=torch.float32, local_files_only=True
-    )
-    p.set_progress_bar_config(disable=True)
-    return p
+    return load_embedded_pipeline()
 
 
 def test_shipped_files_exist():

@@ -14,14 +14,14 @@ import os
 import shlex
 
 import pytest
-import torch
 
 from distfd import autokey
 from distfd.cli import build_parser
 from distfd.cli import calibrate as calibrate_cmd
-from distfd.embedded import calibrated_key_steps, default_model_path
+from distfd.embedded import calibrated_key_steps
 from distfd.embedded.scenes import sample_captions
 from distfd.keysteps import read_preset_file
+from distfd.quality.sources import load_embedded_pipeline
 
 SHIPPED = [("ddim", 50, 9), ("dpm", 20, 7)]
 FULL = os.environ.get("DISTFD_FULL_RECALIBRATION") == "1"
@@ -29,13 +29,7 @@ FULL = os.environ.get("DISTFD_FULL_RECALIBRATION") == "1"
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import StableDiffusionPipeline
-
-    p = StableDiffusionPipeline.from_pretrained(
-        default_model_path(), dtype=torch.float32, local_files_only=True
-    )
-    p.set_progress_bar_config(disable=True)
-    return p
+    return load_embedded_pipeline()
 
 
 @pytest.mark.parametrize(("scheduler", "steps", "budget"), SHIPPED)

@@ -28,8 +28,6 @@ logger = logging.getLogger("distfd")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # The paper's budgets: its preset's size for the scheduler and step count (Supp. C).
 PAPER_BUDGETS = {("ddim", 50): 9, ("dpm", 20): 7, ("dpm++", 20): 7}
-# Seed of the embedded model's calibration draw (its captions skip the quality harness's evaluation draw).
-EMBEDDED_PROMPT_SEED = CALIBRATION_CAPTION_SEED
 CALIBRATION_SEED = 100_000
 
 
@@ -61,7 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument(
         "--prompt-seed",
         type=int,
-        default=EMBEDDED_PROMPT_SEED,
+        default=CALIBRATION_CAPTION_SEED,
         help="seed of the embedded model's caption draw (captions of the quality harness's draw 424242 are skipped)",
     )
     c.add_argument("--seed", type=int, default=CALIBRATION_SEED, help="prompt i uses noise seed SEED + i")
