@@ -148,3 +148,42 @@ def test_compiled_methods_report_compile_time_apart(tmp_path: Path):
     assert comp["method_stats"]["encoder_passes"] == 2 and comp["method_stats"]["decoder_passes"] == 2
     check_summary(comp["pipeline_s"])
     assert "compile" in comp["note"]
+
+
+def test_keysets_exhaustive_smoke(tmp_path: Path) -> None:
+    """The exhaustive key-step study on the embedded model: its own loop reproduces the vanilla pipeline
+    and distfd's FinalLatentError (it exits otherwise), it scores every set, and stage 2 ranks them."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "keysets_exhaustive.py"),
+        "--steps",
+        "6",
+        "--budget",
+        "3",
+        "--search-prompts",
+        "1",
+        "--num-prompts",
+        "2",
+        "--rescore",
+        "3",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "exhaustive-dpm-6-k3.json").read_text())
+    assert (tmp_path / "exhaustive-dpm-6-k3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check = result["verification"]
+    assert check["vanilla_max_abs_diff"] <= 1e-5 * check["latent_scale"]
+    assert all(abs(s["diff"]) < 1e-6 for s in check["sets"])
+    assert result["stage1"]["sets"] == 10  # C(5, 2): step 0 and two of the other five
+    best = result["stage1"]["best"]
+    assert len(best) == 10 and all(a["value"] <= b["value"] for a, b in zip(best, best[1:], strict=False))
+    assert abs(result["stage1"]["best_replayed"] - best[0]["value"]) < 1e-6
+    # Every named set was scored in stage 1, and none beats the exhaustive best.
+    assert all(n["value"] >= best[0]["value"] for n in result["stage1"]["named"].values())
+    ranking = result["stage2"]["ranking"]
+    assert all(a["value"] <= b["value"] for a, b in zip(ranking, ranking[1:], strict=False))
