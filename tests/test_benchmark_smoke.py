@@ -15,11 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 
 
+def run_script(script: str, *args: str) -> None:
+    """Run ``python benchmarks/<script>`` as a user would, single-threaded (a shared CPU); it must succeed."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def run_cli(out: Path, *extra: str) -> dict:
-    """Run ``python benchmarks/latency.py`` as a user would, single-threaded (a shared CPU)."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "latency.py"),
+    """Run ``python benchmarks/latency.py`` on the tiny config; its JSON result."""
+    run_script(
+        "latency.py",
         "--size",
         "tiny",
         "--steps",
@@ -39,10 +46,7 @@ def run_cli(out: Path, *extra: str) -> dict:
         "--out-dir",
         str(out),
         *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     files = sorted(out.iterdir())
     assert sorted(f.suffix for f in files) == [".json", ".md", ".png"], files
     assert len({f.stem for f in files}) == 1
@@ -153,9 +157,8 @@ def test_compiled_methods_report_compile_time_apart(tmp_path: Path):
 def test_keysets_exhaustive_smoke(tmp_path: Path) -> None:
     """The exhaustive key-step study on the embedded model: its own loop reproduces the vanilla pipeline
     and distfd's FinalLatentError (it exits otherwise), it scores every set, and stage 2 ranks them."""
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "keysets_exhaustive.py"),
+    run_script(
+        "keysets_exhaustive.py",
         "--steps",
         "6",
         "--budget",
@@ -170,10 +173,7 @@ def test_keysets_exhaustive_smoke(tmp_path: Path) -> None:
         "2",
         "--out",
         str(tmp_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
     result = json.loads((tmp_path / "exhaustive-dpm-6-k3.json").read_text())
     assert (tmp_path / "exhaustive-dpm-6-k3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     check = result["verification"]
