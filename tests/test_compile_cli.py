@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torch._dynamo.utils import counters
 
 from distfd.cli import main
 from distfd.compiling import graphs_compiled
 
 from . import cli_helpers
 from .cli_helpers import TINY_RUN
+from .test_compile import _fresh_dynamo  # noqa: F401  (autouse: dynamo reset around every test)
 
 model_dir = cli_helpers.model_dir  # the shared fixture
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def test_generate_compile_gives_the_eager_image(model_dir, tmp_path, capsys):
