@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.sysinfo import host_facts  # noqa: E402
 from distfd.adapters import find_adapter  # noqa: E402
 from distfd.embedded import calibration_captions, default_model_path  # noqa: E402
-from distfd.keysearch import FinalLatentError, paper_set, uniform_set  # noqa: E402
+from distfd.keysearch import FinalLatentError, error_db, paper_set, uniform_set  # noqa: E402
 from distfd.keysteps import save_preset_file  # noqa: E402
 from distfd.quality.sources import load_embedded_pipeline, set_scheduler  # noqa: E402
 
@@ -128,13 +128,6 @@ class Loop:
         for i in range(len(self.timesteps)):
             state = self.step(state, i, keys is None or i in keys)
         return state[0]
-
-
-def error_db(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """FinalLatentError's value: mean over prompts of 10 log10 of the relative squared error."""
-    x, ref = x.double(), ref.double()
-    err = (x - ref).pow(2).flatten(1).sum(1) / ref.pow(2).flatten(1).sum(1)
-    return float(10 * err.clamp(min=1e-30).log10().mean())
 
 
 # Workers inherit these through fork (set in main before the pool starts).

@@ -134,10 +134,14 @@ class FinalLatentError:
         return out.detach().double().cpu()
 
     def __call__(self, key_steps: Sequence[int]) -> float:
-        x = self.latents(key_steps)
-        ref = self.reference
-        err = (x - ref).pow(2).flatten(1).sum(1) / ref.pow(2).flatten(1).sum(1).clamp(min=1e-30)
-        return float(10 * err.clamp(min=10 ** (FLOOR_DB / 10)).log10().mean())
+        return error_db(self.latents(key_steps), self.reference)
+
+
+def error_db(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over rows of ``10 log10(|x - ref|^2 / |ref|^2)``, in float64; ``FLOOR_DB`` where equal."""
+    x, ref = x.double(), reference.double()
+    err = (x - ref).pow(2).flatten(1).sum(1) / ref.pow(2).flatten(1).sum(1).clamp(min=1e-30)
+    return float(10 * err.clamp(min=10 ** (FLOOR_DB / 10)).log10().mean())
 
 
 def neighbours(keys: tuple[int, ...], position: int, loop_length: int, moves: Iterable[int] = MOVES):

@@ -22,6 +22,7 @@ from .base import Adapter, EncoderModule
 # DiT-XL/2 (28 blocks): 18 encoder blocks (journal version, Sec. 3.1).
 PAPER_ENCODER_BLOCKS, PAPER_DEPTH = 18, 28
 
+
 def default_encoder_blocks(depth: int) -> int:
     """The paper's 18-of-28 split scaled to ``depth`` blocks (at least one block on each side)."""
     return min(max(1, round(depth * PAPER_ENCODER_BLOCKS / PAPER_DEPTH)), max(1, depth - 1))
