@@ -41,14 +41,16 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.sysinfo import host_facts  # noqa: E402
 from distfd.adapters import find_adapter  # noqa: E402
+from distfd.cli.calibrate import CALIBRATION_SEED  # noqa: E402  (prompt i uses noise seed SEED + i)
+from distfd.config import FasterDiffusionConfig  # noqa: E402
 from distfd.embedded import calibration_captions, default_model_path  # noqa: E402
 from distfd.keysearch import FinalLatentError, error_db, paper_set, uniform_set  # noqa: E402
 from distfd.keysteps import save_preset_file  # noqa: E402
 from distfd.quality.sources import load_embedded_pipeline, set_scheduler  # noqa: E402
 
-CALIBRATION_SEED = 100_000  # distfd calibrate's --seed default: prompt i uses noise seed SEED + i
 GUIDANCE = 7.5
-NOISE_ALPHA = 0.003  # distfd's default prior noise injection
+DEFAULTS = FasterDiffusionConfig()  # distfd's prior noise injection: noise_alpha below noise_below
+NOISE_ALPHA = DEFAULTS.noise_alpha
 
 
 class Loop:
@@ -71,7 +73,7 @@ class Loop:
             len(prompts), self.unet.config.in_channels, size, size, self.embeds.dtype, "cpu", generators
         )
         self.timesteps = self.scheduler.timesteps
-        self.noise_limit = 0.5 * self.scheduler.config.num_train_timesteps  # distfd's noise_below 0.5
+        self.noise_limit = DEFAULTS.noise_below * self.scheduler.config.num_train_timesteps
         self.modules = [m.module for m in adapter.encoder_modules(self.unet)]
         self._replay: list | None = None  # cached outputs to hand out, or None to compute
         self._record: list | None = None
