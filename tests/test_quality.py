@@ -84,6 +84,42 @@ def test_scene_evaluator_with_a_stand_in_judge() -> None:
     out = ev.score(red, ["p"] * 4)
     assert out["adherence_shape"] == 0.75 and out["adherence_colour"] == 1.0 and out["adherence_all"] == 0.75
     assert out["fd_judge"] < 1e-2
+    each = ev.per_image(red, ["p"] * 4)
+    assert each["adherence_all"].tolist() == [1.0, 1.0, 0.0, 1.0] and each["adherence_colour"].tolist() == [1.0] * 4
+
+
+def test_mean_interval() -> None:
+    v = torch.tensor([0.0, 1.0] * 50)
+    half = 1.96 * float(v.double().std()) / 10  # n = 100
+    assert metrics.mean_interval(v) == pytest.approx((0.5 - half, 0.5 + half))
+    assert metrics.mean_interval(torch.full((5,), 2.0)) == (2.0, 2.0)
+    for bad in (torch.tensor([1.0, math.inf]), torch.tensor([1.0])):
+        with pytest.raises(ValueError, match="at least 2 finite"):
+            metrics.mean_interval(bad)
+
+
+class RedLevel:
+    """A per-image evaluator: the mean red level of each image."""
+
+    def per_image(self, images: torch.Tensor, prompts) -> dict[str, torch.Tensor]:
+        return {"red": images[:, 0].mean((1, 2))}
+
+    def score(self, images: torch.Tensor, prompts) -> dict[str, float]:
+        return {"red": float(self.per_image(images, prompts)["red"].mean())}
+
+
+def test_harness_paired_intervals() -> None:
+    setup = harness.Setup(prompts=["a red circle", "a blue square", "a cat"], num_steps=5, guidance_scale=5.0)
+    rows, imgs, _ = harness.evaluate(tiny.sd(), ["propagate:uniform-3"], setup, RedLevel())
+    vanilla, row = rows
+    assert vanilla.differences == {} and vanilla.psnr_interval is None  # PSNR of vanilla to itself is inf
+    red = {n: x[:, 0].mean((1, 2)) for n, x in imgs.items()}
+    lo, hi = row.differences["red"]
+    assert (lo, hi) == pytest.approx(metrics.mean_interval(red[row.name] - red["vanilla"]))
+    assert lo < row.metrics["red"] - vanilla.metrics["red"] < hi and lo < hi
+    assert row.psnr_interval[0] < row.psnr < row.psnr_interval[1]
+    text = report.markdown(rows, "t", {})
+    assert "95% intervals" in text and f"- propagate:uniform-3: PSNR [{row.psnr_interval[0]:.2f}, " in text
 
 
 def test_real_model_metrics_need_local_weights(tmp_path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import adherence, frechet_distance
+from .metrics import adherence_hits, frechet_distance
 
 logger = logging.getLogger("distfd")
 
@@ -26,7 +26,12 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
 class Evaluator(Protocol):
-    """Scores images ``(n, 3, H, W)`` in ``[0, 1]`` generated for ``prompts`` (same order)."""
+    """Scores images ``(n, 3, H, W)`` in ``[0, 1]`` generated for ``prompts`` (same order).
+
+    An evaluator may also have ``per_image(images, prompts) -> {metric: (n,) values}`` for the metrics
+    of ``score`` that are means over images; the harness then gives their paired intervals against
+    vanilla.
+    """
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]: ...
 
@@ -67,13 +72,16 @@ class SceneEvaluator:
     ) -> None:
         self.judge, self.labels, self.reference, self.keys = judge, labels, reference, tuple(keys)
 
+    def per_image(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Per image 1.0 where the judge reads the requested attribute back, else 0.0."""
+        requested = {k: v[: len(images)] for k, v in self.labels.items()}
+        hits = adherence_hits(self.judge.predict(images.float() * 2 - 1), requested, self.keys)
+        return {f"adherence_{k}": h.float() for k, h in hits.items()}
+
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-        x = images.float() * 2 - 1  # the judge reads [-1, 1]
-        n = len(images)
-        requested = {k: v[:n] for k, v in self.labels.items()}
-        acc = adherence(self.judge.predict(x), requested, self.keys)
-        out = {f"adherence_{k}": v for k, v in acc.items()}
-        out["fd_judge"] = frechet_distance(self.judge.features(x), self.reference)
+        out = {k: float(v.mean()) for k, v in self.per_image(images, prompts).items()}
+        # the judge reads [-1, 1]
+        out["fd_judge"] = frechet_distance(self.judge.features(images.float() * 2 - 1), self.reference)
         return out
 
 
@@ -185,10 +193,12 @@ class ClipFidEvaluator:
 
         return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
 
+    def per_image(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """CLIP score per image (nothing without a CLIP model)."""
+        return {} if self.clip is None else {"clip_score": clip_score(*self.clip, images, prompts)}
+
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-        out = {}
-        if self.clip is not None:
-            out["clip_score"] = float(clip_score(*self.clip, images, prompts).mean())
+        out = {k: float(v.mean()) for k, v in self.per_image(images, prompts).items()}
         if self.fid_reference is not None:
             from torchmetrics.image.fid import FrechetInceptionDistance
 

@@ -20,7 +20,7 @@ from ..keysteps import resolve_key_steps
 from ..presets import PRESETS
 from .evaluators import Evaluator
 from .methods import AUTO, Method, MethodUnavailable, activated, even_budget, parse_method
-from .metrics import psnr, ssim
+from .metrics import mean_interval, psnr, ssim
 
 logger = logging.getLogger("distfd")
 
@@ -57,7 +57,12 @@ class Setup:
 
 @dataclass
 class Row:
-    """One configuration's results (means over the prompts)."""
+    """One configuration's results (means over the prompts).
+
+    ``psnr_interval``: a 95% interval of the mean PSNR; ``differences``: per metric the evaluator gives
+    per image (adherence, CLIP score), a 95% interval of the mean paired difference from vanilla (same
+    prompts and seeds), both by :func:`~.metrics.mean_interval`.
+    """
 
     name: str
     key_steps: list[int] | None = None
@@ -66,6 +71,8 @@ class Row:
     psnr: float | None = None
     ssim: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    psnr_interval: list[float] | None = None
+    differences: dict[str, list[float]] = field(default_factory=dict)
     skipped: str | None = None
 
 
@@ -168,6 +175,8 @@ def evaluate(
     cache: dict[str, Any] = {}
     rows, images = [], {}
     vanilla_flops = reference = None
+    per_image = getattr(evaluator, "per_image", None)
+    reference_values: dict[str, torch.Tensor] = {}
     for method in methods:
         row = Row(method.name)
         try:
@@ -185,9 +194,18 @@ def evaluate(
         if reference is None:
             reference, vanilla_flops = imgs, flops
         row.flops_speedup = vanilla_flops / flops
-        row.psnr, row.ssim = _mean(psnr(imgs, reference)), _mean(ssim(imgs, reference))
+        each_psnr = psnr(imgs, reference)
+        row.psnr, row.ssim = _mean(each_psnr), _mean(ssim(imgs, reference))
+        if bool(torch.isfinite(each_psnr).all()) and len(each_psnr) > 1:
+            row.psnr_interval = list(mean_interval(each_psnr))
         if evaluator is not None:
             row.metrics = evaluator.score(imgs, setup.prompts)
+        if per_image is not None and len(imgs) > 1:
+            values = per_image(imgs, setup.prompts)
+            if imgs is reference:
+                reference_values = values
+            else:
+                row.differences = {k: list(mean_interval(v - reference_values[k])) for k, v in values.items()}
         logger.info("%s: %s", method.name, {k: v for k, v in vars(row).items() if k != "name"})
         rows.append(row)
         images[method.name] = imgs

@@ -5,6 +5,7 @@ Images are float tensors ``(n, 3, H, W)`` in ``[0, 1]``; every per-image metric 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -77,15 +78,32 @@ def frechet_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return max(float(d), 0.0)
 
 
+def adherence_hits(
+    predicted: Mapping[str, torch.Tensor], requested: Mapping[str, torch.Tensor], keys: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """Per image, whether the predicted attribute equals the requested one ``(n,)`` (bool), per key and
+    for all ``keys`` together (``"all"``)."""
+    missing = [k for k in keys if k not in predicted or k not in requested]
+    if missing:
+        raise ValueError(f"attributes {missing} are missing from the predictions or the requested labels.")
+    hits = {k: predicted[k].cpu() == requested[k].cpu() for k in keys}
+    hits["all"] = torch.stack(list(hits.values())).all(0)
+    return hits
+
+
 def adherence(
     predicted: Mapping[str, torch.Tensor], requested: Mapping[str, torch.Tensor], keys: Sequence[str]
 ) -> dict[str, float]:
     """Fraction of images whose predicted attribute equals the requested one, per key and for all
     ``keys`` together (``"all"``)."""
-    missing = [k for k in keys if k not in predicted or k not in requested]
-    if missing:
-        raise ValueError(f"attributes {missing} are missing from the predictions or the requested labels.")
-    hits = {k: predicted[k].cpu() == requested[k].cpu() for k in keys}
-    out = {k: float(h.float().mean()) for k, h in hits.items()}
-    out["all"] = float(torch.stack(list(hits.values())).all(0).float().mean())
-    return out
+    return {k: float(h.float().mean()) for k, h in adherence_hits(predicted, requested, keys).items()}
+
+
+def mean_interval(values: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
+    """A 95% interval of the mean of ``values (n,)``: ``mean +- z * std / sqrt(n)`` (normal
+    approximation; with paired differences as ``values``, the interval of a mean difference)."""
+    v = values.double().flatten()
+    if len(v) < 2 or not bool(torch.isfinite(v).all()):
+        raise ValueError(f"an interval needs at least 2 finite values; got {len(v)}.")
+    half = z * float(v.std()) / math.sqrt(len(v))
+    return float(v.mean()) - half, float(v.mean()) + half

@@ -74,7 +74,31 @@ def markdown(rows: Sequence[Row], title: str, meta: Mapping[str, Any]) -> str:
         ]
         cells += [_fmt(r.metrics.get(k)) for k in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += intervals(rows)
     return "\n".join(lines) + "\n"
+
+
+def _difference(metric: str, lo: float, hi: float) -> str:
+    if metric.startswith("adherence"):  # fractions, shown in points
+        return f"{LABELS.get(metric, metric)} {50 * (lo + hi):+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{LABELS.get(metric, metric)} {(lo + hi) / 2:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def intervals(rows: Sequence[Row]) -> list[str]:
+    """Lines with every row's 95% intervals (mean PSNR; paired differences from vanilla)."""
+    out = []
+    for r in rows:
+        parts = [f"PSNR [{r.psnr_interval[0]:.2f}, {r.psnr_interval[1]:.2f}]"] if r.psnr_interval else []
+        parts += [_difference(k, *v) for k, v in r.differences.items()]
+        if parts:
+            out.append(f"- {short_name(r.name)}: " + "; ".join(parts))
+    if not out:
+        return []
+    head = (
+        "95% intervals (mean +- 1.96 standard errors over the images): of the mean PSNR, and of the mean "
+        "difference from vanilla, image by image (same prompts and seeds):"
+    )
+    return ["", head, "", *out]
 
 
 def _jsonable(v: Any) -> Any:
