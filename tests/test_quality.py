@@ -120,6 +120,11 @@ def test_harness_paired_intervals() -> None:
     assert row.psnr_interval[0] < row.psnr < row.psnr_interval[1]
     text = report.markdown(rows, "t", {})
     assert "95% intervals" in text and f"- propagate:uniform-3: PSNR [{row.psnr_interval[0]:.2f}, " in text
+    # Adherence differences are fractions, shown in points; no "-0.0".
+    row.differences = {"adherence_all": [-0.02, -0.005], "adherence_colour": [-1e-4, 5e-5]}
+    assert "shape+colour ok -1.2 points [-2.0, -0.5]; colour ok +0.0 points [+0.0, +0.0]" in report.markdown(
+        rows, "t", {}
+    )
 
 
 def test_real_model_metrics_need_local_weights(tmp_path) -> None:

@@ -79,9 +79,9 @@ def markdown(rows: Sequence[Row], title: str, meta: Mapping[str, Any]) -> str:
 
 
 def _difference(metric: str, lo: float, hi: float) -> str:
-    if metric.startswith("adherence"):  # fractions, shown in points
-        return f"{LABELS.get(metric, metric)} {50 * (lo + hi):+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-    return f"{LABELS.get(metric, metric)} {(lo + hi) / 2:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    scale, digits, unit = (100, 1, " points") if metric.startswith("adherence") else (1, 3, "")  # points: %
+    lo, mid, hi = (round(scale * v, digits) + 0.0 for v in (lo, (lo + hi) / 2, hi))  # + 0.0: no "-0.0"
+    return f"{LABELS.get(metric, metric)} {mid:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def intervals(rows: Sequence[Row]) -> list[str]:
