@@ -85,7 +85,10 @@ def test_scene_evaluator_with_a_stand_in_judge() -> None:
     assert out["adherence_shape"] == 0.75 and out["adherence_colour"] == 1.0 and out["adherence_all"] == 0.75
     assert out["fd_judge"] < 1e-2
     each = ev.per_image(red, ["p"] * 4)
-    assert each["adherence_all"].tolist() == [1.0, 1.0, 0.0, 1.0] and each["adherence_colour"].tolist() == [1.0] * 4
+    assert (
+        each["adherence_all"].tolist() == [1.0, 1.0, 0.0, 1.0]
+        and each["adherence_colour"].tolist() == [1.0] * 4
+    )
 
 
 def test_mean_interval() -> None:
