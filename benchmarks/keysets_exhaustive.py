@@ -17,8 +17,8 @@ pipeline); the differences are recorded.
 
 Stage 1 scores every set on the first ``--search-prompts`` calibration captions (the captions
 ``distfd calibrate`` uses, apart from the quality harness's). Stage 2 re-scores the ``--rescore`` best
-sets, and the named ones (shipped, uniform, evenly spread, paper), on ``--num-prompts`` captions: the
-objective the shipped sets were calibrated on. Writes ``<name>.json`` and ``<name>.png`` (the
+sets, and the named ones (calibrated, uniform, evenly spread, paper), on ``--num-prompts`` captions: the
+objective ``distfd calibrate``'s sets were calibrated on. Writes ``<name>.json`` and ``<name>.png`` (the
 distribution of all sets' values, named sets marked).
 """
 
@@ -221,7 +221,16 @@ def verify(pipe: Any, loop: Loop, prompts: list[str], steps: int, sets: list[tup
     return out
 
 
-def named_sets(pipe: Any, steps: int, budget: int, shipped: Path | None) -> dict[str, tuple[int, ...]]:
+def calibrated_file(scheduler: str, steps: int, budget: int) -> Path:
+    """``distfd calibrate``'s set of this budget: the embedded model's default where it has this many
+    key steps, else ``benchmarks/results/keysets/<scheduler>-<steps>-k<budget>.json``."""
+    shipped = Path(default_model_path()) / "key_steps" / f"{scheduler}-{steps}.json"
+    if shipped.is_file() and len(json.loads(shipped.read_text())["key_steps"]) == budget:
+        return shipped
+    return ROOT / "benchmarks" / "results" / "keysets" / f"{scheduler}-{steps}-k{budget}.json"
+
+
+def named_sets(pipe: Any, steps: int, budget: int, calibrated: Path | None) -> dict[str, tuple[int, ...]]:
     # The quality harness's names: even-K spreads K over the loop, uniform-N keys every N-th step.
     sets = {f"even-{budget}": uniform_set(steps, budget)}
     interval = next((n for n in range(1, steps + 1) if len(range(0, steps, n)) == budget), None)
@@ -230,10 +239,10 @@ def named_sets(pipe: Any, steps: int, budget: int, shipped: Path | None) -> dict
     paper = paper_set(pipe.scheduler, steps)
     if paper is not None and len(paper) == budget:
         sets["paper"] = paper
-    if shipped is not None and shipped.is_file():
-        keys = tuple(json.loads(shipped.read_text())["key_steps"])
+    if calibrated is not None and calibrated.is_file():
+        keys = tuple(json.loads(calibrated.read_text())["key_steps"])
         if len(keys) == budget:
-            sets["shipped"] = keys
+            sets["calibrated"] = keys
     return sets
 
 
@@ -275,7 +284,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=32, help="captions of the re-scoring stage")
     p.add_argument("--rescore", type=int, default=200, help="best sets of stage 1 to re-score")
     p.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
-    p.add_argument("--shipped", type=Path, help="preset JSON to mark (default: the embedded model's)")
+    p.add_argument(
+        "--calibrated",
+        type=Path,
+        help="preset JSON to mark (default: distfd calibrate's set of the budget, see calibrated_file)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "keysets")
     p.add_argument("--name", help="output stem (default: exhaustive-<scheduler>-<steps>-k<budget>)")
     p.add_argument("--presets", type=int, default=5, help="best stage-2 sets written as preset files")
@@ -302,12 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_presets(result, args.presets_from.parent, args.presets_from.stem, args.presets):
             print(f"wrote {path}")
         return 0
-    shipped = args.shipped or Path(default_model_path()) / "key_steps" / f"{args.scheduler}-{args.steps}.json"
+    calibrated = args.calibrated or calibrated_file(args.scheduler, args.steps, args.budget)
     facts = host_facts(torch.device("cpu"), ["benchmarks/keysets_exhaustive.py", *(argv or sys.argv[1:])])
     pipe = load_embedded_pipeline()
     set_scheduler(pipe, args.scheduler)
     prompts = calibration_captions(args.num_prompts)
-    named = named_sets(pipe, args.steps, args.budget, shipped)
+    named = named_sets(pipe, args.steps, args.budget, calibrated)
 
     t0 = time.time()
     with torch.inference_mode():

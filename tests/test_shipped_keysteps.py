@@ -23,7 +23,7 @@ from distfd.embedded.scenes import sample_captions
 from distfd.keysteps import read_preset_file
 from distfd.quality.sources import load_embedded_pipeline
 
-SHIPPED = [("ddim", 50, 9), ("dpm", 20, 7)]
+SHIPPED = [("ddim", 50, 9), ("dpm", 20, 9)]
 FULL = os.environ.get("DISTFD_FULL_RECALIBRATION") == "1"
 
 

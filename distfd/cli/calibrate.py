@@ -4,7 +4,7 @@ The file is what `distfd generate --key-steps FILE` and `FasterDiffusionConfig(k
 accept. Besides the key steps it records the objective's value of every candidate set scored, the
 pipeline calls spent, and the command that produced it (so it can be re-run):
 
-    distfd calibrate --scheduler dpm --steps 20 --budget 7 --out key_steps/dpm-20.json
+    distfd calibrate --scheduler dpm --steps 20 --budget 9 --out key_steps/dpm-20.json
 
 On the embedded model the calibration prompts default to a seeded draw of scene captions
 (--num-prompts, --prompt-seed) that skips every caption of the quality harness's evaluation draw; for another
