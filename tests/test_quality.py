@@ -102,19 +102,25 @@ def test_mean_interval() -> None:
 
 
 class RedLevel:
-    """A per-image evaluator: the mean red level of each image."""
+    """A per-image evaluator: the mean red level of each image; counts its per-image passes."""
+
+    calls = 0
 
     def per_image(self, images: torch.Tensor, prompts) -> dict[str, torch.Tensor]:
+        self.calls += 1
         return {"red": images[:, 0].mean((1, 2))}
 
-    def score(self, images: torch.Tensor, prompts) -> dict[str, float]:
-        return {"red": float(self.per_image(images, prompts)["red"].mean())}
+    def score(self, images: torch.Tensor, prompts, values=None) -> dict[str, float]:
+        values = self.per_image(images, prompts) if values is None else values
+        return {"red": float(values["red"].mean())}
 
 
 def test_harness_paired_intervals() -> None:
     setup = harness.Setup(prompts=["a red circle", "a blue square", "a cat"], num_steps=5, guidance_scale=5.0)
-    rows, imgs, _ = harness.evaluate(tiny.sd(), ["propagate:uniform-3"], setup, RedLevel())
+    ev = RedLevel()
+    rows, imgs, _ = harness.evaluate(tiny.sd(), ["propagate:uniform-3"], setup, ev)
     vanilla, row = rows
+    assert ev.calls == 2  # one per-image pass per configuration, shared by score()
     assert vanilla.differences == {} and vanilla.psnr_interval is None  # PSNR of vanilla to itself is inf
     red = {n: x[:, 0].mean((1, 2)) for n, x in imgs.items()}
     lo, hi = row.differences["red"]

@@ -29,8 +29,8 @@ class Evaluator(Protocol):
     """Scores images ``(n, 3, H, W)`` in ``[0, 1]`` generated for ``prompts`` (same order).
 
     An evaluator may also have ``per_image(images, prompts) -> {metric: (n,) values}`` for the metrics
-    of ``score`` that are means over images; the harness then gives their paired intervals against
-    vanilla.
+    of ``score`` that are means over images, and then takes those values as ``score``'s third argument
+    (so they are computed once); the harness gives their paired intervals against vanilla.
     """
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]: ...
@@ -78,8 +78,11 @@ class SceneEvaluator:
         hits = adherence_hits(self.judge.predict(images.float() * 2 - 1), requested, self.keys)
         return {f"adherence_{k}": h.float() for k, h in hits.items()}
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-        out = {k: float(v.mean()) for k, v in self.per_image(images, prompts).items()}
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str], values: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        values = self.per_image(images, prompts) if values is None else values
+        out = {k: float(v.mean()) for k, v in values.items()}
         # the judge reads [-1, 1]
         out["fd_judge"] = frechet_distance(self.judge.features(images.float() * 2 - 1), self.reference)
         return out
@@ -197,8 +200,11 @@ class ClipFidEvaluator:
         """CLIP score per image (nothing without a CLIP model)."""
         return {} if self.clip is None else {"clip_score": clip_score(*self.clip, images, prompts)}
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
-        out = {k: float(v.mean()) for k, v in self.per_image(images, prompts).items()}
+    def score(
+        self, images: torch.Tensor, prompts: Sequence[str], values: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        values = self.per_image(images, prompts) if values is None else values
+        out = {k: float(v.mean()) for k, v in values.items()}
         if self.fid_reference is not None:
             from torchmetrics.image.fid import FrechetInceptionDistance
 

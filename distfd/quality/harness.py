@@ -198,14 +198,15 @@ def evaluate(
         row.psnr, row.ssim = _mean(each_psnr), _mean(ssim(imgs, reference))
         if bool(torch.isfinite(each_psnr).all()) and len(each_psnr) > 1:
             row.psnr_interval = list(mean_interval(each_psnr))
-        if evaluator is not None:
-            row.metrics = evaluator.score(imgs, setup.prompts)
-        if per_image is not None and len(imgs) > 1:
+        if per_image is not None:
             values = per_image(imgs, setup.prompts)
+            row.metrics = evaluator.score(imgs, setup.prompts, values)
             if imgs is reference:
                 reference_values = values
-            else:
+            elif len(imgs) > 1:
                 row.differences = {k: list(mean_interval(v - reference_values[k])) for k, v in values.items()}
+        elif evaluator is not None:
+            row.metrics = evaluator.score(imgs, setup.prompts)
         logger.info("%s: %s", method.name, {k: v for k, v in vars(row).items() if k != "name"})
         rows.append(row)
         images[method.name] = imgs
