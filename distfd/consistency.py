@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .config import FasterDiffusionConfig
-from .runtime import DistContext, DistributedError
+from .runtime import DistContext, DistributedError, peer_failed
 
 
 def _checksum(t: torch.Tensor | None) -> tuple[float, float] | None:
@@ -48,10 +48,17 @@ def _close(a: Any, b: Any) -> bool:
 
 
 def check_agreement(ctx: DistContext, mine: dict[str, Any]) -> None:
-    """All-gather the fingerprints; every rank raises the same error if any rank differs from rank 0."""
+    """All-gather the fingerprints; every rank raises the same error if any rank differs from rank 0.
+
+    A rank that failed before the sampling loop (see :func:`join_first_agreement`) sends a stop code
+    instead of its fingerprint: then every rank raises :class:`~distfd.runtime.StoppedTogether`.
+    """
     if ctx.world_size == 1:
         return
     prints = ctx.all_gather_object(mine)
+    stops = [p["stopped"] for p in prints if "stopped" in p]
+    if stops:
+        raise peer_failed(max(stops))
     ref = prints[0]
     for rank, other in enumerate(prints[1:], start=1):
         for key in ref:
@@ -61,3 +68,10 @@ def check_agreement(ctx: DistContext, mine: dict[str, Any]) -> None:
                     "Every rank must call the pipeline with the same prompt, seed-independent arguments "
                     "(steps, size, guidance) and distfd config."
                 )
+
+
+def join_first_agreement(ctx: DistContext, code: int) -> None:
+    """For a rank that failed before its first denoiser call: take part in the fingerprint check the
+    other ranks are waiting in, with ``code`` in place of a fingerprint, so none of them is left there."""
+    if ctx.world_size > 1:
+        ctx.all_gather_object({"stopped": code})

@@ -10,6 +10,12 @@ gathered, then served to the pipeline one step at a time, in loop order.
 All state of one sampling loop lives on a :class:`Run`, created at the loop's first denoiser call and
 dropped after its last scheduler update (or when the scheduler's timesteps are set again). Step
 bookkeeping reads a host copy of the timesteps taken once per run, so a step adds no device sync.
+
+A pass that fails on one rank of several (out of memory, say) must not leave the others waiting in a
+collective. The failing rank keeps the run's collectives going with zeros in place of its share and
+computes nothing more; after the last scheduler update the ranks agree (one host all-reduce) and
+every rank raises :class:`StoppedTogether`. A caller may stop them sooner at any step boundary with
+the same agreement (``run.failure`` is what this rank brings to it).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .adapters import Adapter
 from .config import FasterDiffusionConfig
 from .consistency import check_agreement, fingerprint
 from .passes import EagerPasses, EncoderDone, Passes
-from .runtime import DistContext
+from .runtime import DistContext, StoppedTogether, failure_code, peer_failed
 from .schedule import chunk_after, shard
 
 logger = logging.getLogger("distfd")
@@ -85,6 +91,8 @@ class Run:
     batch_rows: int = 1  # rows per step in the pipeline's denoiser call
     pending: tuple[Any, torch.Tensor] | None = None  # async broadcast of features and its buffer
     device_t: list[torch.Tensor] = field(default_factory=list)  # call timesteps checked at the end
+    failure: BaseException | None = None  # a pass that failed on this rank (several ranks only)
+    failure_shared: bool = False  # every rank knows of ``failure`` (it came through a collective)
 
     @property
     def length(self) -> int:
@@ -144,6 +152,10 @@ class Engine:
         idx = (run.rows[:, None] * per + torch.arange(per, device=run.rows.device)).reshape(-1)  # (n * k,)
         return t.index_select(0, idx)
 
+    def failure_code(self) -> int:
+        """What this rank brings to an agreement about the current run (GO_ON when none runs)."""
+        return failure_code(self.run.failure) if self.run is not None else failure_code(None)
+
     # Called by the scheduler hooks.
 
     def end_run(self) -> None:
@@ -177,6 +189,10 @@ class Engine:
                 prev_sample.copy_(buf)
             self._check_call_timesteps(run)
             self.end_run()
+            if self.ctx.world_size > 1:
+                code = self.ctx.agree(failure_code(run.failure))
+                if code:
+                    raise stopped(run.failure, code)
 
     # Called by side-model hooks: a model the pipeline calls in each loop step before the denoiser.
 
@@ -299,19 +315,39 @@ class Engine:
             sample = bound.arguments[self.adapter.sample_arg].contiguous()
             ctx.broadcast(sample, src=0)  # rank 0's latents are the authority, for the decoder too
             bound.arguments[self.adapter.sample_arg] = sample
-        if ctx.is_main or placement == "replicated":
-            run.features = [None] * len(self.modules)
-            run.phase = Phase.RECORD
-            try:
-                reached = self.passes.encode(original, bound.args, bound.kwargs)
-            finally:
-                run.phase = Phase.IDLE
-            if not reached:
-                raise RuntimeError("distfd: the encoder pass never reached its last encoder module.")
-            run.features = self.passes.keep(run.features)
-            self.counters.encoder_passes += 1
+        if (ctx.is_main or placement == "replicated") and run.failure is None:
+            self._guarded(run, lambda: self._encoder_pass(original, bound, run))
         if placement == "rank0" and ctx.world_size > 1:
             self._share_features(run)
+
+    def _encoder_pass(self, original: Callable, bound: inspect.BoundArguments, run: Run) -> None:
+        run.features = [None] * len(self.modules)
+        run.phase = Phase.RECORD
+        try:
+            reached = self.passes.encode(original, bound.args, bound.kwargs)
+        finally:
+            run.phase = Phase.IDLE
+        if not reached:
+            raise RuntimeError("distfd: the encoder pass never reached its last encoder module.")
+        run.features = self.passes.keep(run.features)
+        self.counters.encoder_passes += 1
+
+    def _guarded(self, run: Run, work: Callable[[], Any]) -> Any:
+        """Run one pass; with several ranks a failure is kept on the run (see the module docstring)
+        and None returned, so that this rank still joins the collectives that follow."""
+        if self.ctx.world_size == 1:
+            return work()
+        try:
+            return work()
+        except Exception as e:  # noqa: BLE001 - raised on every rank at the next agreement
+            logger.warning(
+                "rank %d: a pass failed (%s: %s); stopping with the other ranks",
+                self.ctx.rank,
+                type(e).__name__,
+                e,
+            )
+            run.failure = e
+            return None
 
     def _share_features(self, run: Run) -> None:
         """Broadcast rank 0's encoder features; rank 0 does not wait (it decodes meanwhile).
@@ -321,6 +357,19 @@ class Engine:
         index of its distinct tensor, and their shapes) is sent once per run, as plain Python objects.
         """
         ctx = self.ctx
+        if run.failure_shared:  # every rank knows the image is lost: nothing left to send
+            return
+        if run.feature_layout is None and ctx.is_main and run.failure is not None:
+            # No layout yet, so the others could not size a buffer of zeros: tell them instead.
+            ctx.broadcast_object(("stopped", failure_code(run.failure)), src=0)
+            run.failure_shared = True
+            return
+        if ctx.is_main and run.failure is not None:  # the others wait for features: zeros, same size
+            skeleton, shapes = run.feature_layout
+            total = sum(int(torch.Size(shape).numel()) for shape, _ in shapes)
+            flat = torch.zeros(total, dtype=shapes[0][1], device=ctx.device)
+            ctx.wait(ctx.broadcast(flat, src=0, async_op=True))
+            return
         if ctx.is_main:
             first: dict[int, torch.Tensor] = {}
             for x in pytree.tree_leaves(run.features):
@@ -333,7 +382,11 @@ class Engine:
                 index = {key: n for n, key in enumerate(first)}
                 skeleton = pytree.tree_map_only(torch.Tensor, lambda x: index[id(x)], run.features)
                 layout = (skeleton, [(tuple(x.shape), x.dtype) for x in distinct])
-            run.feature_layout = ctx.broadcast_object(layout, src=0)
+            layout = ctx.broadcast_object(layout, src=0)
+            if isinstance(layout, tuple) and layout[0] == "stopped":  # rank 0's first encoder pass failed
+                run.failure, run.failure_shared = peer_failed(layout[1]), True
+                return
+            run.feature_layout = layout
         skeleton, shapes = run.feature_layout
         dtype = shapes[0][1]
         if any(d != dtype for _, d in shapes):
@@ -353,11 +406,13 @@ class Engine:
         ctx, rows_per_step = self.ctx, sample.shape[0]
         shares = shard(len(steps) * rows_per_step, ctx.world_size)
         mine = shares[ctx.rank]
-        if len(mine):
-            local = self._decode_rows(original, bound, run, steps, mine, sample)
-        else:
+        local = None
+        if len(mine) and run.failure is None:
+            local = self._guarded(run, lambda: self._decode_rows(original, bound, run, steps, mine, sample))
+        if local is None:  # no rows here, or the image is lost: zeros keep the gather's shapes
             dtype = next(self.model.parameters()).dtype
-            local = sample.new_empty((0, *self.adapter.output_row_shape(self.model, sample)), dtype=dtype)
+            shape = (len(mine), *self.adapter.output_row_shape(self.model, sample))
+            local = sample.new_zeros(shape, dtype=dtype)
         if run.pending is not None:
             ctx.wait(run.pending[0])
             run.pending = None
@@ -403,3 +458,12 @@ class Engine:
         self.counters.decoder_passes += 1
         self.counters.decoder_rows += len(mine)
         return local
+
+
+def stopped(failure: BaseException | None, code: int) -> StoppedTogether:
+    """The error a rank raises once the ranks agreed to stop: its own failure's text where it had one."""
+    if failure is None or isinstance(failure, StoppedTogether):
+        return peer_failed(code)
+    err = StoppedTogether(code, f"{type(failure).__name__}: {failure}")
+    err.__cause__ = failure
+    return err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,21 @@ def check_indices(values: Any, where: str) -> tuple[int, ...]:
     negative = [k for k in steps if k < 0]
     if negative:
         raise ValueError(f"{where} must be non-negative loop indices; got {negative}.")
-    dupes = sorted({k for k in steps if steps.count(k) > 1})
+    dupes = sorted(k for k, n in Counter(steps).items() if n > 1)  # linear: lists may come from clients
     if dupes:
         raise ValueError(f"{where} has duplicates {dupes}; list each loop index once.")
     if 0 not in steps:
         raise ValueError(f"{where} {steps} lacks index 0: the encoder must run at the first step. Add 0.")
     return tuple(sorted(steps))
+
+
+def names_a_file(text: str) -> bool:
+    """Whether key steps written as ``text`` would be read from a file: anything but indices
+    ('0,1,5'), 'uniform-K', a preset name or 'auto'. Decided without touching the file system."""
+    text = text.strip()
+    return bool(text) and not (
+        _INDEX_LIST.fullmatch(text) or _UNIFORM.fullmatch(text) or text in PRESETS or text == "auto"
+    )
 
 
 def read_preset_file(path: str | Path) -> Preset:

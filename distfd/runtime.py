@@ -26,6 +26,48 @@ class DistributedError(RuntimeError):
     """A collective failed: a peer rank died, hung past the timeout, or the ranks disagree."""
 
 
+# What a rank reports at an agreement point (:meth:`DistContext.agree`); the largest code wins.
+GO_ON, CANCELLED, FAILED, OUT_OF_MEMORY = 0, 1, 2, 3
+
+
+class StoppedTogether(RuntimeError):
+    """Every rank of the group left the image at the same agreement point (no rank is left inside a
+    collective). ``code`` is the agreed reason: CANCELLED, FAILED or OUT_OF_MEMORY."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def failure_code(err: BaseException | None) -> int:
+    """GO_ON for no error, OUT_OF_MEMORY for an allocation that failed (CUDA or CPU), else FAILED."""
+    if err is None:
+        return GO_ON
+    if isinstance(err, StoppedTogether):
+        return err.code
+    if is_out_of_memory(err):
+        return OUT_OF_MEMORY
+    return FAILED
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """``torch.OutOfMemoryError`` (CUDA), ``MemoryError``, or the CPU allocator's failure."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def peer_failed(code: int) -> StoppedTogether:
+    """What a rank raises when the agreement says another rank failed or the image was cancelled."""
+    what = {
+        CANCELLED: "the image was cancelled",
+        FAILED: "a rank of the group failed while generating",
+        OUT_OF_MEMORY: "a rank of the group ran out of memory while generating",
+    }.get(code, f"the ranks stopped (code {code})")
+    return StoppedTogether(code, what)
+
+
 @dataclass
 class CommStats:
     """Bytes this rank handed to collectives, and how many collectives it joined.
@@ -83,6 +125,7 @@ class DistContext:
         group: dist.ProcessGroup | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         owns_group: bool = False,
+        host_group: dist.ProcessGroup | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"invalid rank {rank} for world size {world_size}.")
@@ -92,6 +135,8 @@ class DistContext:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.timeout_s = timeout_s
         self.owns_group = owns_group
+        # Host-side agreements (agree()) go over gloo: the group itself unless it is NCCL.
+        self.host_group = host_group if host_group is not None else group
         self.stats = CommStats()
 
     def __repr__(self) -> str:
@@ -149,7 +194,12 @@ class DistContext:
             torch.cuda.set_device(dev)
         _rendezvous(backend, rank, world, dev, timeout_s)
         logger.info("joined %d ranks over %s (timeout %.0fs)", world, backend, timeout_s)
-        return cls(rank, world, dev, None, timeout_s, owns_group=True)
+        host = (
+            dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            if backend != "gloo"
+            else None
+        )
+        return cls(rank, world, dev, None, timeout_s, owns_group=True, host_group=host)
 
     @property
     def is_main(self) -> bool:
@@ -172,12 +222,12 @@ class DistContext:
         )
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False):
-        """In-place broadcast from ``src``; returns a work handle when ``async_op``."""
+        """In-place broadcast from ``src`` (a rank of this context); a work handle when ``async_op``."""
         if self.world_size == 1:
             return None
         self.stats.add(_nbytes(tensor) if self.rank == src else 0)
         try:
-            return dist.broadcast(tensor, src=src, group=self.group, async_op=async_op)
+            return dist.broadcast(tensor, group=self.group, async_op=async_op, group_src=src)
         except Exception as e:  # noqa: BLE001 - every backend error means a lost peer here
             raise self._fail("broadcast", e) from e
 
@@ -195,7 +245,7 @@ class DistContext:
         box = [obj if self.rank == src else None]
         self.stats.add(0)
         try:
-            dist.broadcast_object_list(box, src=src, group=self.group, device=self._object_device())
+            dist.broadcast_object_list(box, group=self.group, device=self._object_device(), group_src=src)
         except Exception as e:  # noqa: BLE001
             raise self._fail("broadcast_object", e) from e
         return box[0]
@@ -210,6 +260,21 @@ class DistContext:
         except Exception as e:  # noqa: BLE001
             raise self._fail("all_gather_object", e) from e
         return out
+
+    def agree(self, code: int) -> int:
+        """The largest of every rank's ``code`` (GO_ON, CANCELLED, FAILED, OUT_OF_MEMORY): one small
+        all-reduce on the host, so every rank takes the same decision at the same point."""
+        if self.world_size == 1:
+            return code
+        # A process group the caller made may be NCCL only: then the flag travels on the device.
+        on_device = self.host_group is self.group and dist.get_backend(self.group) == "nccl"
+        flag = torch.tensor([code], dtype=torch.int64, device=self.device if on_device else "cpu")
+        self.stats.add(0)
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.host_group)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail("agreement (all_reduce)", e) from e
+        return int(flag[0])
 
     def all_gather_rows(self, local: torch.Tensor, shares: list[range]) -> torch.Tensor:
         """Concatenate every rank's rows (rank order), padding uneven shares for the collective."""

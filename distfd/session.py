@@ -15,12 +15,16 @@ Contract:
   every rank). It runs exactly what ``distfd generate`` runs and returns a :class:`Result`; every
   rank gets the same image. A peer that dies or hangs ends it with ``DistributedError`` within
   ``ctx.timeout_s``.
+- ``session.run_many(reqs)`` makes several images in one pipeline call (a list of prompts, one
+  generator per request), so each decoder batch holds more rows; the requests must share a
+  :func:`batch_key` (size, steps, guidance, mode, key steps). ``run(req)`` is ``run_many([req])``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,40 +202,95 @@ class Session:
         self.pipe.set_progress_bar_config(**{**config, "disable": True})
         try:
             steps = max(2, samplers.min_steps(self.scheduler, self.pipe.scheduler.config))
-            self._call(self.check(ImageRequest("warm-up", steps=steps, mode="off")))
+            self._call([self.check(ImageRequest("warm-up", steps=steps, mode="off"))])
         finally:
             self.pipe._progress_bar_config = config
 
-    def run(self, req: ImageRequest) -> Result:
-        """One image on all ranks (collective; every rank passes the same request)."""
+    def run(
+        self,
+        req: ImageRequest,
+        *,
+        ctx: DistContext | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Result:
+        """One image on all ranks of ``ctx`` (collective; every rank passes the same request).
 
-        req = self.check(req)
-        check_same_on_all_ranks(self.ctx, req.to_dict(), "requests")
+        ``ctx``: the ranks sharing this image, the session's own by default (a service or a batch runs
+        images on groups of its ranks). ``cancelled``: read at every step boundary; once it is true on
+        any rank, every rank stops the image there with :class:`~distfd.runtime.StoppedTogether`
+        (CANCELLED), as they do when a rank's pass fails (FAILED, OUT_OF_MEMORY). Without it a
+        failure is raised on every rank at the end of the loop (:mod:`distfd.gate`).
+        """
+        return self.run_many([req], ctx=ctx, cancelled=cancelled)[0]
+
+    def run_many(
+        self,
+        reqs: list[ImageRequest],
+        *,
+        ctx: DistContext | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[Result]:
+        """The images of ``reqs`` in one pipeline call, in order (collective, as :meth:`run`).
+
+        The requests must share a :func:`batch_key`; each image is the one its request makes alone
+        (its own seed's noise; rows do not mix) up to float rounding: kernels may round a larger
+        batch differently."""
+        ctx = self.ctx if ctx is None else ctx
+        if not reqs:
+            raise ValueError("run_many needs at least one request.")
+        reqs = [self.check(r) for r in reqs]
+        keys = {batch_key(r) for r in reqs}
+        if len(keys) > 1:
+            raise ValueError(
+                "requests in one call must share size, steps, guidance, mode and key steps; "
+                f"got {len(keys)} different combinations."
+            )
+        if len(reqs) == 1:
+            check_same_on_all_ranks(ctx, reqs[0].to_dict(), "requests")
+        else:
+            flat = {f"requests[{i}].{k}": v for i, r in enumerate(reqs) for k, v in r.to_dict().items()}
+            check_same_on_all_ranks(ctx, flat, "requests")
+        req = reqs[0]
         if req.mode == "off":
             self._drop_kept()
-            image, seconds = self._call(req)
-            return Result(image, seconds, None, {"collectives": 0, "bytes_sent": 0}, req)
-        config = self._config(req)  # the key steps parsed once for this request
+            images, seconds = self._call_together(reqs, ctx, cancelled, None)
+            stats = {"collectives": 0, "bytes_sent": 0}
+            return [Result(im, seconds, None, stats, r) for im, r in zip(images, reqs, strict=True)]
+        config = self._config(req)  # the key steps parsed once for this call
         key_steps = self._resolved(req, config)
-        handle = self._apply(config)
+        handle = self._apply(config, ctx)
         counted = handle.engine.counters.as_dict()  # cumulative on a kept handle: this call's share
         try:
-            image, seconds = self._call(req)
+            images, seconds = self._call_together(reqs, ctx, cancelled, handle.engine)
             stats = {k: v - counted.get(k, 0) if k in counted else v for k, v in handle.stats().items()}
         finally:
             if handle is not self._kept:
                 handle.remove()
-        return Result(image, seconds, key_steps, stats, req)
+        return [Result(im, seconds, key_steps, stats, r) for im, r in zip(images, reqs, strict=True)]
 
-    def _apply(self, config) -> Any:
+    def _call_together(
+        self, reqs: list[ImageRequest], ctx: DistContext, cancelled, engine
+    ) -> tuple[list[Any], float]:
+        """The pipeline call, stopped together on every rank (:mod:`distfd.gate`)."""
+        from .gate import StepGate, call_together
+
+        params = self.facts.call_params
+        gate = None
+        if cancelled is not None and (params is None or "callback_on_step_end" in params):
+            gate = StepGate(ctx, cancelled, engine)
+        steps = self._loop_length(reqs[0].steps)
+        return call_together(ctx, lambda: self._call(reqs, gate), engine, gate, steps)
+
+    def _apply(self, config, ctx: DistContext) -> Any:
         """distfd on the pipeline for one request. With a compiled denoiser the handle stays applied
-        while requests share a config: applying again would make distfd compile its passes again."""
+        while requests share a config and ranks: applying again would make distfd compile its passes
+        again."""
         import distfd
 
-        if self._kept is not None and self._kept.config == config:
+        if self._kept is not None and self._kept.config == config and self._kept.context is ctx:
             return self._kept
         self._drop_kept()
-        handle = distfd.apply(self.pipe, config, context=self.ctx)
+        handle = distfd.apply(self.pipe, config, context=ctx)
         if handle.engine.passes.compiled:
             self._kept = handle
         return handle
@@ -241,26 +300,39 @@ class Session:
             self._kept.remove()
             self._kept = None
 
-    def _call(self, req: ImageRequest) -> tuple[Any, float]:
+    def _call(self, reqs: list[ImageRequest], gate: Any = None) -> tuple[list[Any], float]:
+        """One pipeline call for ``reqs`` (sharing a batch key): one prompt and generator each, or
+        for one request the plain values, as ``distfd generate`` passes them."""
         import torch
 
+        req, many = reqs[0], len(reqs) > 1
+        prompts = [r.prompt for r in reqs] if many else req.prompt
         kw: dict[str, Any] = dict(
-            prompt=req.prompt, num_inference_steps=req.steps, height=req.height, width=req.width
+            prompt=prompts, num_inference_steps=req.steps, height=req.height, width=req.width
         )
         params = self.facts.call_params
         if params is None or "guidance_scale" in params:
             kw["guidance_scale"] = req.guidance_scale
-        if req.negative_prompt is not None:
-            kw["negative_prompt"] = req.negative_prompt
-        generator = torch.Generator("cpu").manual_seed(req.seed)
+        if req.negative_prompt is not None:  # the batch key: all or none of them have one
+            kw["negative_prompt"] = [r.negative_prompt for r in reqs] if many else req.negative_prompt
+        if gate is not None:
+            kw["callback_on_step_end"] = gate
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in reqs]
         cuda = self.ctx.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.ctx.device)
         start = time.perf_counter()
-        image = self.pipe(generator=generator, **kw).images[0]
+        images = self.pipe(generator=generators if many else generators[0], **kw).images
         if cuda:
             torch.cuda.synchronize(self.ctx.device)
-        return image, time.perf_counter() - start
+        return list(images[: len(reqs)]), time.perf_counter() - start
+
+
+def batch_key(req: ImageRequest) -> tuple:
+    """Requests with equal keys can share one pipeline call (:meth:`Session.run_many`): the same
+    size, steps, guidance scale, mode and key steps, and a negative prompt on all or none."""
+    keys = tuple(req.key_steps) if isinstance(req.key_steps, list) else req.key_steps
+    return (req.height, req.width, req.steps, req.guidance_scale, req.mode, keys, req.negative_prompt is None)
 
 
 def default_key_steps(model: str | None, scheduler: str, steps: int) -> tuple[str, bool]:
@@ -287,6 +359,7 @@ def model_facts_from_path(model: str | None) -> ModelFacts | None:
 __all__ = [
     "Result",
     "Session",
+    "batch_key",
     "check_same_on_all_ranks",
     "default_key_steps",
     "model_facts_from_path",
