@@ -98,3 +98,13 @@ def assert_same_image(got: Path, ref: Path, tol: int = 2) -> None:
     assert a.shape == b.shape, (a.shape, b.shape)
     diff = int(np.abs(a - b).max())
     assert diff <= tol, f"{got} differs from {ref} by up to {diff} levels"
+
+
+def assert_resumed_batch(out_dir: Path, entries: list[dict], before: dict[str, int], lines: int) -> None:
+    """After a rerun of an interrupted batch: every line listed once, no image made before redone
+    (``before``: file -> mtime), no temporary file left, one PNG per line."""
+    assert sorted(e["line"] for e in entries) == list(range(1, lines + 1))
+    for name, mtime in before.items():
+        assert (out_dir / name).stat().st_mtime_ns == mtime  # not redone
+    assert not list(out_dir.glob(".*.tmp"))
+    assert len(list(out_dir.glob("*.png"))) == lines

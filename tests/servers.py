@@ -19,11 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 HTTP_TIMEOUT_S = 120.0
 
 
-def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict, bytes]:
-    """(status, headers with lower-case names, body) of one GET, or POST of a JSON body."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method="POST" if body is not None else "GET")
+def call(
+    url: str, path: str, body: dict | None = None, headers: dict | None = None, raw: bytes | None = None
+) -> tuple[int, dict, bytes]:
+    """(status, headers with lower-case names, body) of one GET, or POST of a JSON body (or ``raw``)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
     req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
@@ -34,7 +38,9 @@ def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict, byte
 class Ranks:
     """``python -m distfd <command> ARGS`` on ``world`` ranks as ``srun`` starts them."""
 
-    def __init__(self, command: list[str], log_dir: Path, world: int = 2) -> None:
+    def __init__(
+        self, command: list[str], log_dir: Path, world: int = 2, module: str = "distfd", **env_extra: str
+    ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         master = str(free_port())
         self.logs = [log_dir / f"rank{r}.log" for r in range(world)]
@@ -50,11 +56,12 @@ class Ranks:
                 "SLURM_NTASKS": str(world),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": master,
+                **env_extra,
             }
             with open(self.logs[rank], "w") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "distfd", *command],
+                        [sys.executable, "-m", module, *command],
                         env=env,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -91,10 +98,10 @@ class Ranks:
 class Service(Ranks):
     """``distfd serve`` on a free port; :meth:`wait_ready` until /health answers 200."""
 
-    def __init__(self, args: list[str], log_dir: Path, world: int = 2) -> None:
+    def __init__(self, args: list[str], log_dir: Path, world: int = 2, **kw) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["serve", "--port", str(self.port), *args], log_dir, world)
+        super().__init__(["serve", "--port", str(self.port), *args], log_dir, world, **kw)
 
     def wait_ready(self, limit_s: float = 180.0) -> dict:
         health = wait_ready(self.url, self.procs, limit_s, self.results)
@@ -128,3 +135,28 @@ def wait_ready(url: str, procs: list[subprocess.Popen], limit_s: float, describe
             pass
         time.sleep(0.2)
     raise AssertionError(f"the service was not ready within {limit_s}s\n{describe()}")
+
+
+def read_answer(sock) -> str:
+    """One whole HTTP response from a raw socket (headers, then Content-Length bytes of body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(v)
+            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n"))
+            if k.strip().lower() == b"content-length"
+        ),
+        0,
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()

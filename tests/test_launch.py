@@ -3,6 +3,7 @@ ends every rank within --timeout; ranks started with different arguments are sto
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -62,6 +63,33 @@ def test_launcher_recipe_two_cpu_processes_give_the_one_process_image(
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "2 rank(s)" in proc.stdout and "collectives" in proc.stdout
     assert_same_image(out, reference)
+
+
+@pytest.mark.parametrize(
+    ("script", "tool"),
+    [("torchrun.sh", "torchrun"), ("accelerate.sh", "accelerate"), ("deepspeed.sh", "deepspeed")],
+)
+def test_launcher_recipe_runs_a_batch_as_groups_of_one(model_dir, tmp_path, script, tool):
+    """``--ranks-per-image 1`` under each launcher: both ranks make images, each the 1-process one."""
+    if tool == "deepspeed":
+        pytest.importorskip("deepspeed", reason="the deepspeed launcher is the optional [deepspeed] extra")
+    if shutil.which(tool, path=subprocess_env()["PATH"]) is None:
+        pytest.skip(f"{tool} is not installed")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f'{{"prompt": "a red circle", "seed": {i}}}' for i in range(4)))
+    args = ["--model", str(model_dir), *TINY_RUN, "--prompts-file", str(prompts)]
+    one = spawn_ranks([["generate", *args, "--out-dir", str(tmp_path / "one")]], free_port(), wait_s=120)
+    assert one[0].returncode == 0, one[0].output[-3000:]
+    cmd = ["bash", str(ROOT / "launch" / script), "2", *args, "--out-dir", str(tmp_path / "two")]
+    cmd += ["--ranks-per-image", "1"]
+    env = subprocess_env(MASTER_PORT=str(free_port()))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    entries = [json.loads(line) for line in (tmp_path / "two" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(e["line"] for e in entries) == [1, 2, 3, 4]
+    assert {tuple(e["ranks"]) for e in entries} == {(0,), (1,)}
+    for e in entries:
+        assert (tmp_path / "two" / e["file"]).read_bytes() == (tmp_path / "one" / e["file"]).read_bytes()
 
 
 def test_srun_style_environment_gives_the_one_process_image(model_dir, reference, tmp_path):

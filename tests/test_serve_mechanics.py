@@ -1,18 +1,22 @@
-"""The service's queue, states and routes over real HTTP, with a controllable stand-in session.
+"""The service's queue, states, bounds and routes over real HTTP, with a controllable stand-in session.
 
-The stand-in blocks until the test releases it, so a full queue, a stop with requests waiting and a
-lost rank mid-request happen deterministically. The real pipeline over 2 ranks is in test_serve.py.
+The stand-in blocks until the test releases it (looking at its cancel flag meanwhile, as the real
+session does at step boundaries), so a full queue, a stop with requests waiting, a deadline and a lost
+rank mid-request happen deterministically. The real pipeline over gloo ranks is in test_serve.py and
+test_serve_hostile.py.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from PIL import Image
@@ -20,75 +24,135 @@ from PIL import Image
 pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 
-from distfd import serve_loop  # noqa: E402
-from distfd.runtime import DistContext, DistributedError  # noqa: E402
-from distfd.serve_http import HttpServer, build_app  # noqa: E402
-from distfd.serve_loop import Dispatcher, RankLoop, StopFlag  # noqa: E402
-from distfd.serve_metrics import Metrics  # noqa: E402
+from distfd.pool import coordinator as coordinator_module  # noqa: E402
+from distfd.pool.coordinator import Coordinator, tick_seconds  # noqa: E402
+from distfd.pool.layout import SizePolicy  # noqa: E402
+from distfd.pool.links import connect  # noqa: E402
+from distfd.pool.worker import Worker  # noqa: E402
+from distfd.runtime import CANCELLED, DistContext, DistributedError, StoppedTogether  # noqa: E402
+from distfd.serve.app import FrontSettings, build_app  # noqa: E402
+from distfd.serve.metrics import Metrics  # noqa: E402
+from distfd.serve.server import HttpServer  # noqa: E402
+
+from .servers import read_answer  # noqa: E402
 
 WAIT_S = 20.0
+TOKEN = "a-test-token-of-enough-length"
+
+
+@dataclass
+class FakeRequest:
+    prompt: str
+    seed: int
+    width: int = 8
+    height: int = 8
+    steps: int = 4
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
 
 
 @dataclass
 class FakeResult:
     image: Image.Image
     seconds: float
-    key_steps: tuple[int, ...]
+    key_steps: list[int]
     stats: dict
+    request: FakeRequest
 
 
+@dataclass
 class FakeSession:
     """Answers a solid image after the test calls ``release()``; raises what ``fail_with`` holds."""
 
-    def __init__(self) -> None:
-        self.gate = threading.Semaphore(0)
-        self.started = threading.Event()
-        self.fail_with: Exception | None = None
-        self.runs: list[dict] = []
+    gate: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
+    started: threading.Event = field(default_factory=threading.Event)
+    fail_with: Exception | None = None
+    runs: list[int] = field(default_factory=list)
+    cancelled_runs: list[int] = field(default_factory=list)
+    batches: list[list[int]] = field(default_factory=list)  # the seeds of each call
 
     def release(self, n: int = 1) -> None:
         for _ in range(n):
             self.gate.release()
 
-    def run(self, request: dict) -> FakeResult:
+    def run_many(self, requests: list[FakeRequest], ctx=None, cancelled=None) -> list[FakeResult]:
+        """One "pipeline call" for all of ``requests``: one release of the gate."""
         self.started.set()
-        assert self.gate.acquire(timeout=WAIT_S), "the test never released the session"
+        deadline = time.monotonic() + WAIT_S
+        while not self.gate.acquire(timeout=0.02):  # a "step boundary" every 20 ms
+            if cancelled is not None and cancelled():
+                self.cancelled_runs.extend(r.seed for r in requests)
+                raise StoppedTogether(CANCELLED, "the image was cancelled")
+            assert time.monotonic() < deadline, "the test never released the session"
         if self.fail_with is not None:
             raise self.fail_with
-        self.runs.append(request)
-        return FakeResult(Image.new("RGB", (8, 8), (request["seed"], 0, 0)), 0.25, (0, 3), {"bytes_sent": 10})
+        self.runs.extend(r.seed for r in requests)
+        self.batches.append([r.seed for r in requests])
+        return [
+            FakeResult(Image.new("RGB", (8, 8), (r.seed, 0, 0)), 0.25, [0, 3], {"bytes_sent": 10}, r)
+            for r in requests
+        ]
 
 
-def validate(data: dict) -> dict:
+def validate(data: dict) -> FakeRequest:
     unknown = set(data) - {"prompt", "seed"}
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)}")
     if not isinstance(data.get("seed", 0), int):
         raise TypeError("seed must be an integer")
-    return {"prompt": data.get("prompt", ""), "seed": data.get("seed", 0)}
+    return FakeRequest(data.get("prompt", ""), data.get("seed", 0))
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class Service:
-    """Dispatcher + HTTP server + the rank loop of world size 1 in a thread."""
+    """Coordinator + HTTP server + the worker of world size 1, each in a thread."""
 
-    def __init__(self, queue_size: int = 2) -> None:
+    def __init__(
+        self, queue_size: int = 2, grace_s: float | None = 30.0, max_batch: int = 1, **front
+    ) -> None:
         self.session = FakeSession()
-        self.stop = StopFlag()
-        self.dispatcher = Dispatcher(queue_size)
-        self.metrics = Metrics(self.dispatcher.depth, 1)
-        app = build_app(self.dispatcher, self.metrics, validate, {"world_size": 1, "model": "fake"})
+        self.stop_reason: str | None = None
+        links, link = connect(DistContext.single())
+        self.coordinator = Coordinator(
+            links,
+            SizePolicy(1, 1),
+            queue_size=queue_size,
+            timeout_s=30,
+            stop=lambda: self.stop_reason,
+            grace_s=grace_s,
+            max_batch=max_batch,
+            batch_key=lambda r: r.prompt,  # the stand-in's compatible requests: the same prompt
+        )
+        self.metrics = Metrics(self.coordinator.depth, lambda: self.coordinator.in_flight, 1)
+        self.coordinator.hooks = self.metrics
+        info = lambda: {"world_size": 1, "model": "fake"}  # noqa: E731
+        settings = FrontSettings(**{"request_timeout_s": 30.0, **front})
         self.http = HttpServer("127.0.0.1", 0)
-        self.http.start(app)
-        loop = RankLoop(DistContext.single(), self.session, self.stop, self.dispatcher, self.metrics)
-        self.code: int | None = None
-        self.thread = threading.Thread(target=lambda: setattr(self, "code", loop.serve()), daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.dispatcher.state == "serving")
+        self.http.start(build_app(self.coordinator, self.metrics, validate, info, settings))
+        self.url = self.http.url
+        worker = Worker(link, 0, {1: DistContext.single()}, self.session, lambda: False, 30, png)
+        self.codes: dict[str, int] = {}
+        self.threads = [
+            threading.Thread(target=lambda: self.codes.setdefault("worker", worker.serve()), daemon=True),
+            threading.Thread(
+                target=lambda: self.codes.setdefault("pool", self.coordinator.run()), daemon=True
+            ),
+        ]
+        for t in self.threads:
+            t.start()
+        wait_for(lambda: self.coordinator.state == "serving")
 
     def close(self) -> None:
-        self.stop.set_by = self.stop.set_by or "test end"
+        self.stop_reason = self.stop_reason or "test end"
         self.session.release(10)
-        self.thread.join(WAIT_S)
+        for t in self.threads:
+            t.join(WAIT_S)
         self.http.stop()
 
 
@@ -99,14 +163,23 @@ def wait_for(cond, timeout: float = WAIT_S) -> None:
         time.sleep(0.01)
 
 
-def call(url: str, path: str, body=None, raw: bytes | None = None):
+def call(url: str, path: str, body=None, raw: bytes | None = None, headers: dict | None = None):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
     try:
         with urllib.request.urlopen(req, timeout=WAIT_S) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def timed_health(url: str) -> float:
+    start = time.monotonic()
+    status, _, _ = call(url, "/health")
+    assert status == 200
+    return time.monotonic() - start
 
 
 @pytest.fixture
@@ -117,7 +190,7 @@ def service():
 
 
 def test_health_generate_metrics_and_bad_requests(service):
-    url = service.http.url
+    url = service.url
     status, _, body = call(url, "/health")
     assert status == 200
     assert json.loads(body) == {"status": "ok", "world_size": 1, "model": "fake", "queue": 0, "in_flight": 0}
@@ -138,88 +211,217 @@ def test_health_generate_metrics_and_bad_requests(service):
     status, headers, body = call(url, "/generate", {"prompt": "x", "seed": 7})
     assert status == 200 and headers["content-type"] == "image/png"
     assert float(headers["x-generation-seconds"]) == 0.25 and headers["x-key-steps"] == "0,3"
-    assert Image.open(__import__("io").BytesIO(body)).getpixel((0, 0)) == (7, 0, 0)
+    assert headers["x-ranks-per-image"] == "1" and headers["x-ranks"] == "0"
+    assert float(headers["x-generation-start"]) <= float(headers["x-generation-end"])
+    assert Image.open(io.BytesIO(body)).getpixel((0, 0)) == (7, 0, 0)
 
     text = call(url, "/metrics")[2].decode()
     assert 'distfd_requests_total{status="400"} 4.0' in text
     assert 'distfd_requests_total{status="200"} 1.0' in text
     assert "distfd_request_seconds_count 1.0" in text
     assert "distfd_queue_depth 0.0" in text
-    assert "distfd_broadcast_bytes_total 10.0" in text  # world size 1: only the session's bytes
+    assert "distfd_broadcast_bytes_total 10.0" in text
+    assert 'distfd_images_total{ranks="1"} 1.0' in text and "distfd_ranks_per_image 1.0" in text
 
 
 def test_full_queue_gets_503_with_retry_after_and_fifo_order(service):
-    url = service.http.url
+    url = service.url
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(call, url, "/generate", {"seed": 1})
         assert service.session.started.wait(WAIT_S)  # seed 1 is in flight
         queued = []
         for depth, seed in enumerate((2, 3), start=1):  # one after the other: a known arrival order
             queued.append(pool.submit(call, url, "/generate", {"seed": seed}))
-            wait_for(lambda d=depth: service.dispatcher.depth() == d)
+            wait_for(lambda d=depth: service.coordinator.depth() == d)
         status, headers, body = call(url, "/generate", {"seed": 4})
         assert status == 503 and "queue is full" in json.loads(body)["error"]
         assert int(headers["retry-after"]) >= 1
         health = json.loads(call(url, "/health")[2])
         assert health["queue"] == 2 and health["in_flight"] == 1
+        assert timed_health(url) < 0.1  # answered at once with a request running and the queue full
         service.session.release(3)
         assert [f.result(WAIT_S)[0] for f in (first, *queued)] == [200, 200, 200]
-    assert [r["seed"] for r in service.session.runs] == [1, 2, 3]
+    assert service.session.runs == [1, 2, 3]
+
+
+def test_max_batch_runs_waiting_requests_with_the_same_key_in_one_call():
+    s = Service(queue_size=8, max_batch=3)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            first = pool.submit(call, s.url, "/generate", {"prompt": "a", "seed": 1})
+            assert s.session.started.wait(WAIT_S)  # seed 1 is in flight, alone
+            order = [("a", 2), ("b", 3), ("a", 4), ("a", 5), ("a", 6)]
+            queued = []
+            for depth, (prompt, seed) in enumerate(order, start=1):
+                queued.append(pool.submit(call, s.url, "/generate", {"prompt": prompt, "seed": seed}))
+                wait_for(lambda d=depth: s.coordinator.depth() == d)
+            s.session.release(4)
+            answers = [f.result(WAIT_S) for f in (first, *queued)]
+        # At most 3 per call, the first waiting request and later ones of its key; b keeps its place.
+        assert s.session.batches == [[1], [2, 4, 5], [3], [6]]
+        sizes = {1: "1", 2: "3", 4: "3", 5: "3", 3: "1", 6: "1"}
+        for (status, headers, body), seed in zip(answers, [1, 2, 3, 4, 5, 6], strict=True):
+            assert status == 200
+            assert Image.open(io.BytesIO(body)).getpixel((0, 0)) == (seed, 0, 0)  # its own image
+            assert headers["x-batch-size"] == sizes[seed]
+        text = call(s.url, "/metrics")[2].decode()
+        assert 'distfd_images_total{ranks="1"} 6.0' in text
+    finally:
+        s.close()
 
 
 def test_stop_finishes_the_request_in_flight_and_answers_the_queued_with_503(service):
-    url = service.http.url
+    url = service.url
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(call, url, "/generate", {"seed": 1})
         assert service.session.started.wait(WAIT_S)
         queued = [pool.submit(call, url, "/generate", {"seed": s}) for s in (2, 3)]
-        wait_for(lambda: service.dispatcher.depth() == 2)
-        service.stop(15, None)  # what SIGTERM calls
-        time.sleep(3 * serve_loop.POLL_S)
+        wait_for(lambda: service.coordinator.depth() == 2)
+        service.stop_reason = "signal 15"  # what SIGTERM sets
+        wait_for(lambda: service.coordinator.state == "stopping")
         service.session.release()
         assert first.result(WAIT_S)[0] == 200
         for f in queued:
             status, _, body = f.result(WAIT_S)
             assert status == 503 and "shutting down" in json.loads(body)["error"]
-    service.thread.join(WAIT_S)
-    assert service.code == 0
+    for t in service.threads:
+        t.join(WAIT_S)
+    assert service.codes == {"worker": 0, "pool": 0}
     status, _, body = call(url, "/generate", {"seed": 5})
     assert status == 503 and json.loads(call(url, "/health")[2])["status"] == "stopping"
 
 
+def test_stop_cancels_an_image_that_overruns_the_grace_period():
+    s = Service(grace_s=0.3)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(call, s.url, "/generate", {"seed": 1})
+            assert s.session.started.wait(WAIT_S)
+            s.stop_reason = "signal 15"
+            status, _, body = first.result(WAIT_S)  # never released: stopped at a "step boundary"
+        assert status == 503 and "shutting down" in json.loads(body)["error"]
+        assert s.session.cancelled_runs == [1]
+        for t in s.threads:
+            t.join(WAIT_S)
+        assert s.codes == {"worker": 0, "pool": 0}
+    finally:
+        s.close()
+
+
+def test_deadline_answers_504_and_stops_the_image():
+    s = Service(request_timeout_s=0.5)
+    try:
+        start = time.monotonic()
+        status, _, body = call(s.url, "/generate", {"seed": 1})
+        assert status == 504 and "--request-timeout" in json.loads(body)["error"]
+        assert 0.5 <= time.monotonic() - start < 3
+        wait_for(lambda: s.session.cancelled_runs == [1])  # the ranks stopped it, not only the answer
+        s.session.release()
+        status, _, _ = call(s.url, "/generate", {"seed": 2})  # the service goes on
+        assert status == 200 and s.session.runs == [2]
+    finally:
+        s.close()
+
+
+def test_a_queued_request_whose_client_left_is_dropped_before_it_runs(service):
+    url = service.url
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(call, url, "/generate", {"seed": 1})
+        assert service.session.started.wait(WAIT_S)
+        # A raw client: send the request, then hang up while it waits in the queue.
+        body = json.dumps({"seed": 2}).encode()
+        host, port = service.http.host, service.http.port
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_for(lambda: service.coordinator.depth() == 1)
+        wait_for(lambda: service.coordinator.depth() == 0)  # dropped once the server saw it go
+        service.session.release()
+        assert first.result(WAIT_S)[0] == 200
+    time.sleep(0.2)
+    assert service.session.runs == [1]  # seed 2 never ran
+
+
+def test_body_bounds_auth_and_a_slow_client():
+    s = Service(max_body_bytes=5000, body_timeout_s=1.0, token=TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        url = s.url
+        assert call(url, "/health")[0] == 200  # no token needed
+        for headers in (None, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": TOKEN}):
+            status, h, body = call(url, "/generate", {"seed": 1}, headers=headers)
+            assert status == 401 and h["www-authenticate"] == "Bearer"
+            assert "Bearer" in json.loads(body)["error"]
+        assert call(url, "/metrics")[0] == 401 and call(url, "/metrics", headers=auth)[0] == 200
+        status, _, body = call(url, "/generate", raw=b"{" + b" " * 6000 + b"}", headers=auth)
+        assert status == 413 and "--max-body-bytes" in json.loads(body)["error"]
+        status, _, body = call(url, "/generate", raw=b"[" * 2400 + b"]" * 2400, headers=auth)
+        assert status == 400 and "nests too deeply" in json.loads(body)["error"]
+        # A client that sends its headers, then a byte at a time: 408 after --body-timeout, and the
+        # service answers others meanwhile.
+        with socket.create_connection((s.http.host, s.http.port)) as sock:
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + TOKEN.encode()
+                + b"\r\nContent-Length: 500\r\n\r\n{"
+            )
+            times = []
+            for _ in range(5):
+                sock.sendall(b" ")
+                times.append(timed_health(url))
+                time.sleep(0.1)
+            sock.settimeout(WAIT_S)
+            answer = read_answer(sock)
+        assert max(times) < 0.1, times
+        assert answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer
+        s.session.release()
+        assert call(url, "/generate", {"seed": 3}, headers=auth)[0] == 200
+    finally:
+        s.close()
+
+
+def test_failures_answer_500_without_details_or_507_for_memory_and_the_service_goes_on(service):
+    url = service.url
+    service.session.fail_with = RuntimeError("secret detail /home/op/models")
+    service.session.release()
+    status, _, body = call(url, "/generate", {"seed": 1})
+    assert status == 500 and "log" in json.loads(body)["error"] and "secret" not in body.decode()
+    service.session.fail_with = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried ...")
+    service.session.release()
+    status, _, body = call(url, "/generate", {"seed": 2})
+    assert status == 507 and "out of memory" in json.loads(body)["error"]
+    service.session.fail_with = None
+    service.session.release()
+    assert call(url, "/generate", {"seed": 3})[0] == 200
+
+
 def test_a_lost_rank_answers_waiting_and_later_requests_with_503(service, monkeypatch):
-    monkeypatch.setattr(serve_loop, "FAILED_LINGER_S", 0.5)
-    url = service.http.url
+    monkeypatch.setattr(coordinator_module, "FAILED_LINGER_S", 0.5)
+    url = service.url
     service.session.fail_with = DistributedError("rank 0/2: broadcast failed (peer gone)")
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(call, url, "/generate", {"seed": 1})
         assert service.session.started.wait(WAIT_S)
         queued = pool.submit(call, url, "/generate", {"seed": 2})
-        wait_for(lambda: service.dispatcher.depth() == 1)
+        wait_for(lambda: service.coordinator.depth() == 1)
         service.session.release()
         for f in (first, queued):
             status, _, body = f.result(WAIT_S)
             assert status == 503 and "rank of the service was lost" in json.loads(body)["error"]
         status, _, body = call(url, "/generate", {"seed": 3})
         assert status == 503 and "peer gone" in json.loads(body)["error"]
-    service.thread.join(WAIT_S)
-    assert service.code == 1
-
-
-def test_an_error_in_one_request_is_a_500_and_the_service_goes_on(service):
-    url = service.http.url
-    service.session.fail_with = RuntimeError("out of memory")
-    service.session.release()
-    status, _, body = call(url, "/generate", {"seed": 1})
-    assert status == 500 and "out of memory" in json.loads(body)["error"]
-    service.session.fail_with = None
-    service.session.release()
-    assert call(url, "/generate", {"seed": 2})[0] == 200
+    for t in service.threads:
+        t.join(WAIT_S)
+    assert service.codes == {"worker": 1, "pool": 1}
 
 
 def test_while_loading_health_and_generate_answer_503_with_the_reason():
-    dispatcher = Dispatcher(2)
-    app = build_app(dispatcher, Metrics(dispatcher.depth, 2), validate, {"world_size": 2, "model": "m"})
+    links, _ = connect(DistContext.single())
+    coordinator = Coordinator(links, SizePolicy(1, 1), queue_size=2, timeout_s=30)
+    app = build_app(coordinator, Metrics(coordinator.depth, lambda: 0, 2), validate, dict, FrontSettings())
     http = HttpServer("127.0.0.1", 0)
     http.start(app)
     try:
@@ -232,23 +434,43 @@ def test_while_loading_health_and_generate_answer_503_with_the_reason():
         http.stop()
 
 
-def test_heartbeat_is_well_inside_the_collective_timeout():
-    assert serve_loop.tick_seconds(300) == 5.0
-    assert serve_loop.tick_seconds(8) == 2.0
+def test_heartbeat_and_queue_bounds():
+    assert tick_seconds(300) == 5.0
+    assert tick_seconds(8) == 2.0
+    links, _ = connect(DistContext.single())
     with pytest.raises(ValueError, match="--queue-size"):
-        Dispatcher(0)
+        Coordinator(links, SizePolicy(1, 1), queue_size=0, timeout_s=30)
 
 
-def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys):
+def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys, tmp_path):
     import importlib.util
-    import socket
 
     from distfd.cli import main
 
-    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "DISTFD_TOKEN"):
         monkeypatch.delenv(var, raising=False)
-    assert main(["serve", "--queue-size", "0"]) == 2
-    assert "--queue-size must be >= 1; got 0." in capsys.readouterr().err
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    for argv, message in [
+        (["--queue-size", "0"], "--queue-size must be >= 1; got 0."),
+        (
+            ["--max-parallel-steps", "0"],
+            "--max-parallel-steps: max_parallel_steps must be None or an int >= 1",
+        ),
+        (["--noise-alpha", "nan"], "--noise-alpha: noise_alpha must be a finite number; got nan"),
+        (["--timeout", "0"], "--timeout must be a positive number"),
+        (["--request-timeout", "-1"], "--request-timeout must be a positive number"),
+        (["--max-pixels", "0"], "--max-pixels must be an integer >= 1"),
+        (["--max-batch", "0"], "--max-batch must be >= 1; got 0."),
+        (["--ranks-per-image", "2"], "--ranks-per-image 2 does not divide the 1 rank(s)"),
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines and no token is set"),
+        (["--token-file", str(short)], "must be at least 16 characters"),
+        (["--token-file", str(tmp_path / "none")], "cannot read --token-file"),
+    ]:
+        assert main(["serve", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+        assert err.count("\n") == 1, err  # one line, before anything loads
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     # distfd reads LOCAL_RANK from the environment instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from .. import serve
+    from .. import serve  # the package: only its options are imported here
     from . import calibrate, generate
 
     generate.add_parser(sub)

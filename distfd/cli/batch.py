@@ -1,15 +1,23 @@
-"""Batch jobs: ``distfd generate --prompts-file FILE --out-dir DIR`` on one loaded Session.
+"""Batch jobs: ``distfd generate --prompts-file FILE --out-dir DIR`` on one loaded pipeline per rank.
 
 - A line is a prompt, or a JSON object of ImageRequest fields; the command-line values are the
-  defaults. Blank lines and lines starting with ``#`` are skipped. A bad line is reported with its
-  number and skipped; the job goes on.
+  defaults. Blank lines and lines starting with ``#`` are skipped. A bad line (or one over the limits,
+  :mod:`distfd.limits`) is reported with its number and skipped; the job goes on. Key steps in a line
+  may name a file only with ``--allow-key-step-files``.
+- The images are made by the pool (:mod:`distfd.pool`): with ``--ranks-per-image K`` the ranks work as
+  W/K groups, each line handed to the next free group (not a static split, so a slow group holds no
+  one up); by default every image uses all ranks. ``--max-batch N`` lets a group make up to N waiting
+  lines that share size, steps, guidance, mode and key steps in one pipeline call. ``--shard I/N`` takes only lines I, I+N, I+2N, ...
+  (0-based over the file's lines), for Slurm job arrays.
 - Image ``NNNNN-<digest>.png`` for line NNNNN (the digest covers the request and the session settings,
-  so an edited line or another model makes a new image); ``manifest.jsonl`` gets one JSON line per
-  image written: request, settings, seconds, key steps, bytes sent by rank 0.
-- Resumable: an image already in the manifest (and on disk) is skipped. An image is written to a
-  temporary file and renamed, then listed, so the manifest never lists a half-written file.
-- SIGTERM (Slurm preemption or time limit, ``scancel``): the current image is finished and listed,
-  then every rank exits with 0; a rerun resumes.
+  so an edited line or another model makes a new image); rank 0 alone writes the images and the
+  manifest (``manifest.jsonl``, or ``manifest.shard-I-of-N.jsonl`` for a shard), one JSON line per
+  image in the order they finish: request, settings, seconds, key steps, the ranks that made it.
+- Resumable: an image listed in any manifest of the folder (and on disk) is skipped. An image is
+  written to a temporary file and renamed, then listed, so no manifest lists a half-written file.
+- SIGTERM (Slurm preemption or time limit, ``scancel``): the images in progress are finished and
+  listed, then every rank exits with 0; a rerun resumes. A failed image is reported with its line and
+  left for a rerun; the job then exits 1.
 """
 
 from __future__ import annotations
@@ -17,16 +25,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..limits import RequestLimits, parse_request
 from ..request import ImageRequest
+from ..session import batch_key
 from . import checks
-from .options import UsageError, request_from_args
-from .output import save_image
+from .options import UsageError, max_batch_from_args, request_from_args
+from .output import png_bytes, write_atomic
 
 logger = logging.getLogger("distfd")
 
@@ -44,22 +54,45 @@ class Item:
         return f"{self.id}.png"
 
 
-def parse_line(text: str, defaults: ImageRequest) -> ImageRequest | None:
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard I/N`` as (I, N), 0 <= I < N; None for no shard."""
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    if not (sep and i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
+        raise UsageError(
+            f"--shard must be I/N with 0 <= I < N (e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT for "
+            f"an array 0..N-1); got {text!r}."
+        )
+    return int(i), int(n)
+
+
+def manifest_name(shard: tuple[int, int] | None) -> str:
+    return MANIFEST if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def parse_line(text: str, defaults: ImageRequest, limits: RequestLimits | None = None) -> ImageRequest | None:
     """One line of a prompts file: None for a blank or ``#`` line; ValueError/TypeError if bad."""
     stripped = text.strip()
     if not stripped or stripped.startswith("#"):
         return None
+    limits = limits or RequestLimits(key_step_files=True)
     if stripped.startswith("{"):
         try:
             data = json.loads(stripped)
         except json.JSONDecodeError as e:
             raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from e
-        return ImageRequest.from_mapping(data, defaults)
-    return ImageRequest.from_mapping({"prompt": stripped}, defaults)
+        except RecursionError:
+            raise ValueError("the JSON nests too deeply") from None
+        return parse_request(data, defaults, limits)
+    return parse_request({"prompt": stripped}, defaults, limits)
 
 
-def read_items(path: Path, defaults: ImageRequest, session) -> tuple[list[Item], list[str]]:
-    """The file's requests, checked against the model; and one message per bad line."""
+def read_items(
+    path: Path, defaults: ImageRequest, session, limits: RequestLimits, shard: tuple[int, int] | None = None
+) -> tuple[list[Item], list[str]]:
+    """The file's requests (this shard's lines), checked against the limits and the model; and one
+    message per bad line."""
     items, problems = [], []
     settings = session.settings()
     try:
@@ -67,11 +100,14 @@ def read_items(path: Path, defaults: ImageRequest, session) -> tuple[list[Item],
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --prompts-file {path}: {e}") from e
     for number, text in enumerate(lines, start=1):
+        if shard is not None and (number - 1) % shard[1] != shard[0]:
+            continue
         try:
-            req = parse_line(text, defaults)
+            req = parse_line(text, defaults, limits)
             if req is None:
                 continue
             req = session.check(req)
+            limits.check_request(req)
         except (ValueError, TypeError) as e:
             problems.append(f"{path}:{number}: {e} (line skipped)")
             continue
@@ -80,63 +116,112 @@ def read_items(path: Path, defaults: ImageRequest, session) -> tuple[list[Item],
 
 
 def read_manifest(out_dir: Path) -> set[str]:
-    """Ids of images listed in the manifest whose file is on disk."""
+    """Ids of images listed in any manifest of ``out_dir`` (every shard's) whose file is on disk."""
     done: set[str] = set()
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        return done
-    for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            entry = json.loads(text)
-            if (out_dir / entry["file"]).is_file():
-                done.add(entry["id"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning("%s:%d: unreadable manifest line ignored (its image will be redone)", path, number)
+    for path in sorted(out_dir.glob("manifest*.jsonl")):
+        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                entry = json.loads(text)
+                if (out_dir / entry["file"]).is_file():
+                    done.add(entry["id"])
+            except (ValueError, KeyError, TypeError):
+                logger.warning(
+                    "%s:%d: unreadable manifest line ignored (its image will be redone)", path, number
+                )
     return done
 
 
-def append_manifest(out_dir: Path, entry: dict[str, Any]) -> None:
-    with open(out_dir / MANIFEST, "a", encoding="utf-8") as f:
+def append_manifest(path: Path, entry: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the ranks agree after each image, so all stop at the same one."""
+class Writer:
+    """Rank 0's front on the pool: submits the images to make, writes each as it finishes."""
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
+    def __init__(self, todo: list[Item], out_dir: Path, manifest: Path, settings: dict, world: int) -> None:
+        self.todo, self.out_dir, self.manifest, self.settings, self.world = (
+            todo,
+            out_dir,
+            manifest,
+            settings,
+            world,
+        )
+        self.made = self.failed = self.dropped = 0
 
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._set)
-        return self
+    def __call__(self, coordinator) -> None:
+        why = "every image is done"
+        try:
+            self._write_all(coordinator)
+        except BaseException:  # noqa: BLE001 - e.g. the disk is full: the job must end, not idle on
+            logger.exception("writing the results failed; stopping")
+            self.failed += 1
+            why = "writing the results failed"
+        finally:
+            coordinator.finish(why)
 
-    def _set(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        if self.signal is None:
-            logger.warning(
-                "received %s: finishing the current image, then stopping (Ctrl-C again stops at once)",
-                signal.Signals(signum).name,
-            )
-        self.signal = signum
+    def _write_all(self, coordinator) -> None:
+        from tqdm.auto import tqdm
 
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        from ..pool import Cancelled, GenerationFailed, Unavailable
+
+        try:  # the whole list at once: the first dispatch sees every line (--max-batch)
+            submitted = coordinator.submit_many([item.request for item in self.todo])
+        except Unavailable:  # stopping already
+            submitted = []
+        jobs = {job.future: item for job, item in zip(submitted, self.todo, strict=False)}
+        with tqdm(total=len(self.todo), unit="image") as bar:
+            for future in as_completed(jobs):
+                item = jobs[future]
+                try:
+                    self._write(item, future.result())
+                    self.made += 1
+                except GenerationFailed as e:
+                    logger.error("line %d: the image failed (%s); a rerun retries it", item.line, e)
+                    self.failed += 1
+                except (Unavailable, Cancelled):  # stopped before it ran
+                    self.dropped += 1
+                bar.update(1)
+        self.dropped += len(self.todo) - len(jobs)
+
+    def _write(self, item: Item, done) -> None:
+        write_atomic(done.png, self.out_dir / item.file)
+        append_manifest(
+            self.manifest,
+            {
+                "id": item.id,
+                "file": item.file,
+                "line": item.line,
+                "request": done.request,
+                "settings": self.settings,
+                "seconds": round(done.seconds, 6),
+                "key_steps": done.key_steps,
+                "bytes_sent": done.stats.get("bytes_sent", 0),
+                "world_size": self.world,
+                "ranks": list(done.ranks),
+                "batch": done.batch,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
 
 
-def run_batch(session, args) -> int:
-    from tqdm.auto import tqdm
+def run_batch(session, args, ranks_per_image: int | None, limits: RequestLimits) -> int:
+    """Every rank: the pool over the ranks; rank 0 reads the file and writes the results."""
+    from ..pool import Pool, StopFlag
 
     ctx = session.ctx
     out_dir: Path = args.out_dir
-    defaults = request_from_args(args)
-    items, problems = read_items(args.prompts_file, defaults, session)
+    shard = parse_shard(args.shard)
+    stop = StopFlag("finishing the images in progress, then stopping (Ctrl-C again stops at once)")
+    pool = Pool.open(
+        ctx, ranks_per_image, stop=stop, max_batch=max_batch_from_args(args), batch_key=batch_key
+    )
+    writer = None
     if ctx.is_main:
+        limits = limits.for_model(session.facts)
+        items, problems = read_items(args.prompts_file, request_from_args(args), session, limits, shard)
         for text in problems:
             logger.warning("%s", text)
         if args.model is None:
@@ -146,53 +231,26 @@ def run_batch(session, args) -> int:
                 )
         for stale in out_dir.glob(".*.tmp"):  # temporary files of a killed run
             stale.unlink(missing_ok=True)
-    # Rank 0's view of what is done decides for every rank (only rank 0 writes).
-    done = ctx.broadcast_object(read_manifest(out_dir) if ctx.is_main else None)
-    todo = [item for item in items if item.id not in done]
-    if ctx.is_main:
+        done = read_manifest(out_dir)
+        todo = [item for item in items if item.id not in done]
         logger.info(
-            "%d image(s) in %s: %d already done, %d to make, %d bad line(s)",
+            "%d image(s) in %s%s: %d already done, %d to make, %d bad line(s); %s rank(s) per image",
             len(items),
             args.prompts_file,
+            f" (shard {shard[0]}/{shard[1]})" if shard else "",
             len(items) - len(todo),
             len(todo),
             len(problems),
+            pool.policy.label,
         )
-    made, stopped = 0, False
-    with StopFlag() as stop, tqdm(total=len(todo), unit="image", disable=not ctx.is_main) as bar:
-        for item in todo:
-            if any(ctx.all_gather_object(stop.signal is not None)):
-                stopped = True
-                break
-            result = session.run(item.request)
-            if ctx.is_main:
-                save_image(result.image, out_dir / item.file)
-                append_manifest(
-                    out_dir,
-                    {
-                        "id": item.id,
-                        "file": item.file,
-                        "line": item.line,
-                        "request": result.request.to_dict(),
-                        "settings": session.settings(),
-                        "seconds": round(result.seconds, 6),
-                        "key_steps": result.key_steps,
-                        "bytes_sent": result.stats.get("bytes_sent", 0),
-                        "world_size": ctx.world_size,
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    },
-                )
-            made += 1
-            bar.update(1)
-    if ctx.is_main:
-        left = len(todo) - made
-        if stopped:
-            logger.info("stopped after %d image(s); %d left, a rerun resumes", made, left)
-        else:
-            logger.info(
-                "done: %d image(s) made, %d in the manifest (%s)",
-                made,
-                len(items) - left,
-                out_dir / MANIFEST,
-            )
-    return 0
+        writer = Writer(todo, out_dir, out_dir / manifest_name(shard), session.settings(), ctx.world_size)
+    with stop:
+        code = pool.work(session, stop, png_bytes, writer)
+    if writer is None:
+        return code
+    left = len(writer.todo) - writer.made
+    if stop or writer.dropped:
+        logger.info("stopped after %d image(s); %d left, a rerun resumes", writer.made, left)
+    else:
+        logger.info("done: %d image(s) made, %d failed", writer.made, writer.failed)
+    return max(code, 1 if writer.failed else 0)

@@ -165,3 +165,26 @@ def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -
             problem,
             example,
         )
+
+
+# FasterDiffusionConfig fields set from the command line, and their options.
+ENGINE_OPTIONS = {
+    "noise_alpha": "--noise-alpha",
+    "max_parallel_steps": "--max-parallel-steps",
+    "encoder": "--encoder",
+}
+
+
+def check_engine_options(args) -> None:
+    """The FasterDiffusionConfig values given on the command line, checked before anything loads."""
+    from ..config import FasterDiffusionConfig
+
+    try:
+        FasterDiffusionConfig(key_steps=(0,), **{field: getattr(args, field) for field in ENGINE_OPTIONS})
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        flag = next((f for field, f in ENGINE_OPTIONS.items() if text.startswith(field)), None)
+        raise UsageError(f"{flag}: {text}" if flag else text) from e
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not (timeout > 0 and timeout < float("inf")):
+        raise UsageError(f"--timeout must be a positive number of seconds; got {timeout}.")

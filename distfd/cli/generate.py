@@ -19,9 +19,14 @@ from .options import (
     HelpFormatter,
     UsageError,
     add_common_options,
+    add_limit_options,
+    add_max_batch_option,
+    add_ranks_per_image_option,
     add_request_options,
     add_session_options,
     context_from_args,
+    limits_from_args,
+    max_batch_from_args,
     rank_from_env,
     request_from_args,
     session_from_args,
@@ -60,6 +65,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "seed, steps, guidance_scale, height, width, key_steps, mode); the options above are defaults",
     )
     batch.add_argument("--out-dir", type=Path, default=None, help="where the PNGs and manifest.jsonl go")
+    add_ranks_per_image_option(batch)
+    add_max_batch_option(batch)
+    batch.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="make only lines I, I+N, I+2N, ... (0-based), e.g. one task of a Slurm job array",
+    )
+    batch.add_argument(
+        "--allow-key-step-files",
+        action="store_true",
+        help="let key_steps in a line name a preset .json file on this machine",
+    )
+    add_limit_options(g, "each line of --prompts-file")
     add_common_options(g)
     g.set_defaults(run=run)
     return g
@@ -67,11 +86,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _up_front(args) -> tuple[Any, Path | None]:
     """Every check that needs no loaded model; returns the request (sizes filled where known)."""
+    from ..pool import parse_ranks_per_image
     from ..request import ModelFacts, check_for_model
+    from .batch import parse_shard
 
     request = request_from_args(args)
     if args.reps < 1:
         raise UsageError(f"--reps must be >= 1; got {args.reps}.")
+    limits_from_args(args)
+    checks.check_engine_options(args)
+    if args.prompts_file is None:
+        given_flags = (
+            ("--ranks-per-image", args.ranks_per_image),
+            ("--shard", args.shard),
+            ("--max-batch", args.max_batch),
+        )
+        for flag, given in given_flags:
+            if given is not None:
+                raise UsageError(f"{flag} is for batches (--prompts-file); one image uses every rank.")
+    else:
+        try:
+            parse_ranks_per_image(args.ranks_per_image, world_from_env())
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+        parse_shard(args.shard)
+        max_batch_from_args(args)
     if args.prompts_file is not None:
         if args.out_dir is None:
             raise UsageError("--prompts-file needs --out-dir (where the images and manifest.jsonl go).")
@@ -151,9 +190,13 @@ def run(args) -> int:
         batch = args.prompts_file is not None
         session = session_from_args(args, ctx, step_progress=not (batch or args.compare))
         if batch:
+            from ..pool import parse_ranks_per_image
             from .batch import run_batch
 
-            return run_batch(session, args)
+            limits = limits_from_args(args, key_step_files=args.allow_key_step_files)
+            return run_batch(
+                session, args, parse_ranks_per_image(args.ranks_per_image, ctx.world_size), limits
+            )
         try:
             request = session.check(request)  # a hub model's checks, now that it is loaded
         except (ValueError, TypeError) as e:

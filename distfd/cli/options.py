@@ -133,6 +133,64 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     compiling.add_arguments(g)  # --compile, --compile-mode, --compile-backend, --backend
 
 
+def add_limit_options(p: argparse.ArgumentParser, what: str) -> None:
+    """Bounds on each request from someone else (``what``: the lines of a prompts file, or requests)."""
+    from ..limits import DEFAULT_MAX_PROMPT_CHARS, DEFAULT_MAX_STEPS
+
+    g = p.add_argument_group(f"limits on {what}")
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="height x width at most; default: 4x the model's default image area",
+    )
+    g.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="sampling steps at most")
+    g.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_CHARS,
+        help="characters of prompt (and of negative_prompt) at most",
+    )
+
+
+def limits_from_args(args: argparse.Namespace, key_step_files: bool = False):
+    from ..limits import RequestLimits
+
+    try:
+        return RequestLimits(args.max_pixels, args.max_steps, args.max_prompt_chars, key_step_files)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
+def add_ranks_per_image_option(g) -> None:
+    g.add_argument(
+        "--ranks-per-image",
+        default=None,
+        metavar="K|auto",
+        help="ranks that share each image: K (dividing the number of ranks) makes W/K images at once; "
+        "'auto' picks per image from the queue (all ranks while at most one waits); default: all ranks",
+    )
+
+
+def add_max_batch_option(g) -> None:
+    g.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="make up to N waiting images in one pipeline call when they share size, steps, guidance, "
+        "mode and key steps (more rows per decoder batch); default: 1, each image alone",
+    )
+
+
+def max_batch_from_args(args: argparse.Namespace) -> int:
+    """``--max-batch`` (None: 1); :class:`UsageError` below 1."""
+    value = 1 if args.max_batch is None else args.max_batch
+    if value < 1:
+        raise UsageError(f"--max-batch must be >= 1; got {value}.")
+    return value
+
+
 def session_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         model=args.model,

@@ -12,11 +12,11 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
-    """Requests by status, latency, queue depth and bytes rank 0 handed to collectives."""
+    """Requests by status, latency, queue depth, group sizes, and bytes the ranks sent."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, queue_depth: Callable[[], int], world_size: int) -> None:
+    def __init__(self, queue_depth: Callable[[], int], in_flight: Callable[[], int], world_size: int) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -30,29 +30,38 @@ class Metrics:
         )
         self.generation = Histogram(
             "distfd_generation_seconds",
-            "Seconds the ranks spent generating one image (as in the X-Generation-Seconds header).",
+            "Seconds a group of ranks spent generating one image (as in the X-Generation-Seconds header).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.queue = Gauge("distfd_queue_depth", "Requests waiting in the queue.", registry=r)
         self.queue.set_function(lambda: float(queue_depth()))
+        self.in_flight = Gauge("distfd_in_flight", "Images being generated now.", registry=r)
+        self.in_flight.set_function(lambda: float(in_flight()))
         self.bytes = Counter(
             "distfd_broadcast_bytes",
-            "Payload bytes rank 0 handed to collectives: requests and heartbeats to the other ranks, "
-            "and the features it sent while generating.",
+            "Payload bytes the first rank of each group handed to collectives while generating.",
             registry=r,
         )
-        Gauge("distfd_world_size", "Ranks sharing each image.", registry=r).set(world_size)
+        Gauge("distfd_world_size", "Ranks of the service.", registry=r).set(world_size)
+        self.size = Gauge(
+            "distfd_ranks_per_image", "Ranks that shared the most recently started image.", registry=r
+        )
+        self.size.set(world_size)
+        self.images = Counter(
+            "distfd_images", "Images started, by the number of ranks that shared each.", ["ranks"], registry=r
+        )
 
     def count(self, status: int) -> None:
         self.requests.labels(status=str(status)).inc()
 
-    # the rank loop's hooks
+    # The coordinator's hooks.
 
-    def sent(self, nbytes: int) -> None:
-        self.bytes.inc(nbytes)
+    def dispatched(self, size: int) -> None:
+        self.size.set(size)
+        self.images.labels(ranks=str(size)).inc()
 
-    def finished(self, seconds: float, bytes_sent: int) -> None:
+    def finished(self, seconds: float, bytes_sent: int, size: int) -> None:
         self.generation.observe(seconds)
         self.bytes.inc(bytes_sent)
 

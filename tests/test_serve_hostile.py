@@ -1,0 +1,261 @@
+"""``distfd serve`` against hostile and careless clients, over real HTTP, on 1 and 2 gloo ranks.
+
+Each case is followed by the same check: /health answers within 100 ms and a good request still gives
+the very PNG it gave before the battery. The service runs under tests/faulty_rank.py, which makes one
+rank's denoiser allocation fail for two image widths (rank 0's for width 48, the last rank's for 56),
+and its peak memory is read from /proc at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("starlette")
+pytestmark = pytest.mark.timeout(420)
+
+from . import tiny  # noqa: E402
+from .cli_helpers import spawn_ranks  # noqa: E402
+from .multirank import free_port  # noqa: E402
+from .servers import Service, call, read_answer  # noqa: E402
+
+TOKEN = "hostile-battery-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+GOOD = {"prompt": "a red circle", "seed": 3}
+LONG = {"prompt": "a red circle", "steps": 150, "height": 64, "width": 64, "mode": "off"}  # seconds of work
+REQUEST_TIMEOUT_S = 3.0
+HEALTH_LIMIT_S = 0.1
+# Peak resident memory of rank 0 over the whole battery (tiny model, torch, the HTTP server): the
+# refused 8192x8192 request alone would need several GiB.
+MEMORY_BOUND_KIB = 1536 * 1024
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny.sd().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-rank", "2-ranks"])
+def service(request, model_dir, tmp_path_factory):
+    world = request.param
+    log_dir = tmp_path_factory.mktemp(f"hostile{world}")
+    token = log_dir / "token"
+    token.write_text(TOKEN + "\n")
+    args = ["--model", str(model_dir), "--steps", "10", "--key-steps", "0,1,3,6", "--height", "32"]
+    args += ["--width", "32", "--timeout", "20", "--token-file", str(token), "--queue-size", "2"]
+    args += ["--request-timeout", str(REQUEST_TIMEOUT_S), "--body-timeout", "2", "--grace", "2"]
+    s = Service(args, log_dir, world, module="tests.faulty_rank", DISTFD_TEST_OOM=f"48:0,56:{world - 1}")
+    try:
+        s.wait_ready()
+        status, _, png = call(s.url, "/generate", GOOD, AUTH)
+        assert status == 200, s.results()
+        s.reference = png
+        yield s
+    finally:
+        s.kill()
+
+
+def post(s: Service, body=None, raw: bytes | None = None, headers: dict | None = None):
+    status, h, answer = call(s.url, "/generate", body, {**AUTH, **(headers or {})}, raw)
+    return status, h, answer
+
+
+def error(answer: bytes) -> str:
+    return json.loads(answer)["error"]
+
+
+def health_s(s: Service) -> float:
+    start = time.monotonic()
+    status, _, _ = call(s.url, "/health")
+    took = time.monotonic() - start
+    assert status == 200
+    return took
+
+
+def assert_healthy(s: Service) -> None:
+    """After every case: /health within 100 ms, and the good request's very PNG."""
+    assert health_s(s) < HEALTH_LIMIT_S
+    status, _, png = post(s, GOOD)
+    assert status == 200 and png == s.reference, s.results()
+
+
+def raw_request(s: Service, head: bytes, body: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    sock.sendall(head + body)
+    return sock
+
+
+def test_missing_or_wrong_token_gets_401(service):
+    for headers in ({}, {"Authorization": "Bearer not-the-token-at-all-000"}, {"Authorization": TOKEN}):
+        status, h, answer = call(service.url, "/generate", GOOD, headers)
+        assert status == 401 and h["www-authenticate"] == "Bearer", answer
+    assert call(service.url, "/metrics")[0] == 401
+    assert call(service.url, "/metrics", headers=AUTH)[0] == 200
+    assert_healthy(service)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({**GOOD, "height": 8192, "width": 8192}, "--max-pixels"),
+        ({**GOOD, "steps": 100000}, "--max-steps"),
+        ({**GOOD, "prompt": "a red circle " * 300}, "--max-prompt-chars"),
+        ({**GOOD, "negative_prompt": "x" * 2001, "guidance_scale": 5}, "--max-prompt-chars"),
+    ],
+    ids=["oversized-image", "too-many-steps", "long-prompt", "long-negative-prompt"],
+)
+def test_work_over_the_limits_is_refused_naming_the_limit(service, body, message):
+    start = time.monotonic()
+    status, _, answer = post(service, body)
+    assert status == 400 and message in error(answer)
+    assert time.monotonic() - start < 1.0
+    assert_healthy(service)
+
+
+def test_a_huge_body_gets_413_without_being_read(service):
+    status, _, answer = post(service, raw=b'{"prompt": "' + b"x" * 200_000 + b'"}')
+    assert status == 413 and "--max-body-bytes" in error(answer)
+    # Chunked, with no Content-Length: counted as it arrives, refused past the bound.
+    head = (
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"x" * 16384
+    with raw_request(service, head) as sock:
+        sock.settimeout(20)
+        try:
+            for _ in range(8):
+                sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        except OSError:
+            pass  # the server may close as soon as it has answered
+        answer = read_answer(sock)
+    assert answer.startswith("HTTP/1.1 413"), answer
+    assert_healthy(service)
+
+
+def test_deeply_nested_json_gets_400(service):
+    status, _, answer = post(service, raw=b"[" * 30000 + b"]" * 30000)
+    assert status == 400 and "nests too deeply" in error(answer)
+    status, _, answer = post(service, raw=b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}")
+    assert status == 400
+    assert_healthy(service)
+
+
+def test_a_huge_key_step_list_is_refused_at_once(service):
+    for keys in (list(range(9000)), ",".join(str(k) for k in range(9000))):
+        start = time.monotonic()
+        status, _, answer = post(service, {**GOOD, "key_steps": keys})
+        assert status == 400 and "key_steps lists 9000 entries for 10 steps" in error(answer)
+        assert time.monotonic() - start < 1.0
+    assert_healthy(service)
+
+
+def test_key_steps_cannot_name_a_server_file(service, model_dir):
+    messages = set()
+    for path in ("/etc/passwd", "/no/such/file.json", str(model_dir / "model_index.json"), "../x.json"):
+        status, _, answer = post(service, {**GOOD, "key_steps": path})
+        assert status == 400
+        messages.add(error(answer))
+        assert "/" not in error(answer) and "No such file" not in error(answer)
+    assert len(messages) == 1  # the same answer whether or not the file exists
+    assert_healthy(service)
+
+
+def test_a_slow_client_gets_408_and_health_answers_meanwhile(service):
+    head = (
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 400\r\n\r\n{"
+    )
+    times = []
+    with raw_request(service, head) as sock:
+        for _ in range(6):
+            sock.sendall(b" ")
+            times.append(health_s(service))
+            time.sleep(0.2)
+        sock.settimeout(20)
+        answer = read_answer(sock)
+    assert max(times) < HEALTH_LIMIT_S, times
+    assert answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer
+    assert_healthy(service)
+
+
+def test_deadline_full_queue_and_a_client_that_leaves(service):
+    """A long request in flight, two queued (one of whose client leaves), one refused: the queue is
+    full, /health still answers at once, the departed request never runs, the others get 504 at the
+    deadline, and the ranks stop the long image there (the next request is not held up by it)."""
+    images_before = images_started(service)
+    with ThreadPoolExecutor(3) as pool:
+        start = time.monotonic()
+        running = pool.submit(post, service, LONG)
+        service.wait_health(lambda h: h["in_flight"] == 1)
+        queued = pool.submit(post, service, {**LONG, "seed": 1})
+        service.wait_health(lambda h: h["queue"] == 1)
+        body = json.dumps({**LONG, "seed": 2}).encode()
+        head = (
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        with raw_request(service, head, body):
+            service.wait_health(lambda h: h["queue"] == 2)
+            status, h, answer = post(service, {**LONG, "seed": 3})
+            assert status == 503 and "queue is full" in error(answer) and int(h["retry-after"]) >= 1
+            assert health_s(service) < HEALTH_LIMIT_S
+        service.wait_health(lambda h: h["queue"] == 1)  # the departed client's request is dropped
+        for future in (running, queued):
+            status, _, answer = future.result(30)
+            assert status == 504 and "--request-timeout" in error(answer)
+        assert time.monotonic() - start < REQUEST_TIMEOUT_S + 5
+    # The in-flight one started, perhaps the queued one too (its deadline passed while it waited or
+    # just after it started); the departed client's never did.
+    assert images_started(service) - images_before in (1, 2)
+    t0 = time.monotonic()
+    assert_healthy(service)
+    assert time.monotonic() - t0 < 5  # the long images were stopped, not finished
+
+
+def images_started(s: Service) -> int:
+    text = call(s.url, "/metrics", headers=AUTH)[2].decode()
+    lines = [line for line in text.splitlines() if line.startswith("distfd_images_total")]
+    return int(sum(float(line.split()[-1]) for line in lines))
+
+
+@pytest.mark.parametrize("width", [48, 56], ids=["rank-0", "last-rank"])
+def test_out_of_memory_is_one_failed_request(service, width):
+    status, _, answer = post(service, {**GOOD, "width": width})
+    assert status == 507, answer
+    assert "out of memory" in error(answer) and f"{width}x32" in error(answer)
+    assert_healthy(service)
+
+
+def test_memory_stays_bounded_and_sigterm_ends_a_long_request_within_the_grace(service):
+    status_file = Path(f"/proc/{service.procs[0].pid}/status").read_text()
+    peak_kib = int(next(line for line in status_file.splitlines() if line.startswith("VmHWM")).split()[1])
+    print(f"rank 0's peak resident memory over the battery: {peak_kib / 1024:.0f} MiB")
+    assert peak_kib < MEMORY_BOUND_KIB, f"rank 0 peaked at {peak_kib} KiB"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, service, LONG)
+        service.wait_health(lambda h: h["in_flight"] == 1)
+        start = time.monotonic()
+        service.signal(signal.SIGTERM)
+        status, _, answer = running.result(30)
+        assert status == 503 and "shutting down" in error(answer)
+    codes, _ = service.wait(30)
+    took = time.monotonic() - start
+    assert codes == [0] * len(codes), service.results()
+    assert took < 2 + 8, took  # --grace 2, then the next step boundary and the exit
+
+
+def test_a_non_loopback_host_without_a_token_is_refused_on_every_rank(model_dir):
+    argv = ["serve", "--model", str(model_dir), "--host", "0.0.0.0", "--port", str(free_port())]
+    exits = spawn_ranks([argv, argv], free_port(), wait_s=60, DISTFD_TOKEN="")
+    for e in exits:
+        assert e.returncode == 2, e.output
+        assert "--insecure-no-auth" in e.output
