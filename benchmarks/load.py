@@ -1,19 +1,26 @@
-"""Load test of ``distfd serve``: K concurrent clients send M requests in all over HTTP on 127.0.0.1.
+"""Load test of ``distfd serve``: requests/s and latency against group size, clients and hostile traffic.
 
-    python benchmarks/load.py --clients 4 --requests 24            # embedded model, 2 gloo ranks, CPU
+    python benchmarks/load.py --ranks 4 --ranks-per-image 4 2 1 auto --clients 1 4 16 --hostile-share 0.25
 
-The service is started the documented way (``torchrun --standalone --nproc-per-node N -m distfd serve``),
-warmed up with one request, loaded, then stopped with SIGTERM. Recorded: every answer's status, p50/p95
-latency (arrival to image, queueing included), requests/s over the loaded period, the generation
-seconds the service reported, its Prometheus counters, the command and versions. JSON goes to
-``benchmarks/results/load-<model>-cpu-w<N>-k<K>-m<M>.json``. Every wait is bounded.
+For each ``--ranks-per-image K`` (and each ``--max-batch B``) a service is started the documented way (``torchrun --standalone
+--nproc-per-node W -m distfd serve --ranks-per-image K``) on the embedded model (or ``--model``),
+warmed up, then loaded by C concurrent clients for each C in ``--clients``: once with good requests
+only, once with a share of hostile ones mixed in (oversized images, too many steps, malformed and
+deeply nested JSON, a body over the limit, a huge key-step list, a file path as key steps), all sent by
+the same clients in turn. Recorded per run: every answer's status, the good requests' p50/p95 latency
+(arrival to image, queueing included), good requests/s over the loaded period, the generation seconds
+and group sizes the service reported, then the command, versions and host. Written: one JSON, a
+Markdown table and a PNG in ``benchmarks/results/`` (``load-<model>-<device>-w<W>.*``).
+Every wait is bounded; the services are stopped with SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -40,6 +47,17 @@ PROMPTS = [
     "a large blue circle at the bottom left on a yellow background",
 ]
 
+# Hostile requests: (name, body bytes). Each must be refused (4xx) without costing the good ones.
+HOSTILE: list[tuple[str, bytes]] = [
+    ("oversized image", json.dumps({"prompt": PROMPTS[0], "height": 8192, "width": 8192}).encode()),
+    ("too many steps", json.dumps({"prompt": PROMPTS[0], "steps": 100000}).encode()),
+    ("malformed JSON", b'{"prompt": "a red circle", "seed": '),
+    ("deep JSON", b"[" * 30000 + b"]" * 30000),
+    ("body over the limit", b'{"prompt": "' + b"x" * 100_000 + b'"}'),
+    ("huge key-step list", json.dumps({"prompt": PROMPTS[0], "key_steps": list(range(9000))}).encode()),
+    ("file path as key steps", json.dumps({"prompt": PROMPTS[0], "key_steps": "/etc/passwd"}).encode()),
+]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -47,20 +65,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: dict, timeout: float) -> tuple[int, float, float | None]:
-    """(status, seconds to the answer, X-Generation-Seconds or None)."""
-    req = urllib.request.Request(
-        url + "/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+def post(url: str, body: bytes, timeout: float) -> tuple[int, float, dict]:
+    """(status, seconds to the answer, response headers with lower-case names)."""
+    req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             r.read()
-            gen = float(r.headers["X-Generation-Seconds"])
-            return r.status, time.perf_counter() - start, gen
+            return r.status, time.perf_counter() - start, {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
         e.read()
-        return e.code, time.perf_counter() - start, None
+        return e.code, time.perf_counter() - start, {k.lower(): v for k, v in e.headers.items()}
+    except OSError:  # the server closed early on a body it refused
+        return 0, time.perf_counter() - start, {}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, limit_s: float) -> dict:
@@ -70,131 +87,259 @@ def wait_ready(url: str, proc: subprocess.Popen, limit_s: float) -> dict:
             raise SystemExit(f"the service exited ({proc.returncode}) before it was ready")
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                return json.loads(r.read())
+                health = json.loads(r.read())
+                if health.get("status") == "ok":
+                    return health
         except (OSError, ValueError):
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     raise SystemExit(f"the service was not ready within {limit_s:.0f}s")
 
 
-def load(url: str, clients: int, requests: int, timeout: float) -> tuple[list[dict], float]:
-    """K threads take request numbers 0..M-1 in turn; each record: index, status, latency, generation."""
+def seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
+
+
+def load(url: str, clients: int, good: int, hostile_share: float, timeout: float, seed: int) -> dict:
+    """C threads send ``good`` good requests, with hostile ones mixed in at ``hostile_share``."""
+    rng = random.Random(seed)
+    hostile = round(good * hostile_share / (1 - hostile_share)) if hostile_share else 0
+    plan = [("good", i) for i in range(good)] + [("hostile", i) for i in range(hostile)]
+    rng.shuffle(plan)
     records: list[dict] = []
     lock = threading.Lock()
-    counter = iter(range(requests))
+    todo = iter(plan)
 
     def client() -> None:
         while True:
             with lock:
-                i = next(counter, None)
-            if i is None:
+                item = next(todo, None)
+            if item is None:
                 return
-            body = {"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}
-            status, seconds, gen = post(url, body, timeout)
+            kind, i = item
+            if kind == "good":
+                body = json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}).encode()
+                name = "good"
+            else:
+                name, body = HOSTILE[i % len(HOSTILE)]
+            status, seconds, headers = post(url, body, timeout)
             with lock:
-                records.append({"index": i, "status": status, "latency_s": seconds, "generation_s": gen})
+                records.append(
+                    {
+                        "kind": name,
+                        "status": status,
+                        "latency_s": seconds,
+                        "generation_s": float(headers["x-generation-seconds"]) if status == 200 else None,
+                        "ranks_per_image": int(headers["x-ranks-per-image"]) if status == 200 else None,
+                        "batch": int(headers.get("x-batch-size", 1)) if status == 200 else None,
+                    }
+                )
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout * requests)
-    return sorted(records, key=lambda r: r["index"]), time.perf_counter() - start
+        t.join(timeout * len(plan))
+    wall = time.perf_counter() - start
+    ok = [r for r in records if r["kind"] == "good" and r["status"] == 200]
+    latencies = [r["latency_s"] for r in ok]
+    statuses: dict[str, dict[str, int]] = {}
+    for r in records:
+        by = statuses.setdefault(r["kind"], {})
+        by[str(r["status"])] = by.get(str(r["status"]), 0) + 1
+    sizes: dict[str, int] = {}
+    batches: dict[str, int] = {}
+    for r in ok:
+        sizes[str(r["ranks_per_image"])] = sizes.get(str(r["ranks_per_image"]), 0) + 1
+        batches[str(r["batch"])] = batches.get(str(r["batch"]), 0) + 1
+    return {
+        "clients": clients,
+        "good_requests": good,
+        "hostile_requests": hostile,
+        "good_ok": len(ok),
+        "statuses": statuses,
+        "hostile_refused": sum(
+            n for kind, by in statuses.items() if kind != "good" for s, n in by.items() if s.startswith("4")
+        ),
+        "wall_s": wall,
+        "good_per_s": len(ok) / wall,
+        "p50_s": percentile(latencies, 0.5),
+        "p95_s": percentile(latencies, 0.95),
+        "generation_mean_s": statistics.fmean(r["generation_s"] for r in ok) if ok else None,
+        "ranks_per_image_seen": sizes,
+        "batch_sizes_seen": batches,
+    }
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clients", type=int, default=4, help="K concurrent clients")
-    p.add_argument("--requests", type=int, default=24, help="M requests in all")
-    p.add_argument("--ranks", type=int, default=2, help="gloo ranks on CPU")
-    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
-    p.add_argument("--queue-size", type=int, default=64)
-    p.add_argument("--timeout", type=float, default=120.0, help="collective timeout, and per-request limit")
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("serve_args", nargs="*", help="more `distfd serve` options, after --")
-    args = p.parse_args()
-    if args.clients < 1 or args.requests < 1:
-        p.error("--clients and --requests must be >= 1")
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    serve = ["--port", str(port), "--queue-size", str(args.queue_size), "--timeout", str(args.timeout)]
-    serve += ["--model", args.model] if args.model else []
+def serve(args, k: str, batch: int, port: int) -> tuple[subprocess.Popen, Path, list[str]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks)]
-    cmd += ["-m", "distfd", "serve", *serve, *args.serve_args]
+    cmd += ["-m", "distfd", "serve", "--port", str(port), "--queue-size", str(args.queue_size)]
+    cmd += ["--timeout", str(args.timeout), "--ranks-per-image", k, "--max-batch", str(batch)]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += args.serve_args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"distfd-load-{port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        health = wait_ready(url, proc, 300)
-        warm = post(url, {"prompt": PROMPTS[0], "seed": 0}, args.timeout)
-        records, wall = load(url, args.clients, args.requests, args.timeout)
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-            metrics = [
-                line
-                for line in r.read().decode().splitlines()
-                if line.startswith(("distfd_requests_total", "distfd_broadcast_bytes_total"))
-            ]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            exit_code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            exit_code = proc.wait(10)
-    log_text = log_path.read_text()
+    return proc, log_path, cmd
 
-    ok = [r for r in records if r["status"] == 200]
-    latencies = [r["latency_s"] for r in ok]
-    gens = [r["generation_s"] for r in ok]
-    statuses: dict[str, int] = {}
-    for r in records:
-        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
-    result = {
-        "clients": args.clients,
-        "requests": args.requests,
-        "answered": len(records),
-        "ok": len(ok),
-        "statuses": statuses,
-        "wall_s": wall,
-        "requests_per_s": len(ok) / wall,
-        "latency_p50_s": percentile(latencies, 0.5) if ok else None,
-        "latency_p95_s": percentile(latencies, 0.95) if ok else None,
-        "latency_max_s": max(latencies) if ok else None,
-        "generation_mean_s": statistics.fmean(gens) if ok else None,
-        "warmup_status": warm[0],
-    }
-    record = {
-        "benchmark": "load",
-        "service": {
-            "model": health["model"],
-            "world_size": health["world_size"],
-            "command": " ".join(cmd[1:]),
-            "defaults": "the generate defaults: DDIM-50, mode parallel, the model's key steps",
-            "exit_code_after_sigterm": exit_code,
-            "stopped_cleanly": "stopping (signal 15)" in log_text,
-        },
-        "result": result,
-        "metrics": metrics,
-        "records": records,
-        **host_facts(torch.device("cpu")),
-    }
-    name = f"load-{'embedded' if not args.model else Path(args.model).name}-cpu-w{args.ranks}"
-    out = args.out or ROOT / "benchmarks" / "results" / f"{name}-k{args.clients}-m{args.requests}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(
-        f"{result['ok']}/{args.requests} answered 200 ({statuses}); {args.clients} clients, "
-        f"{health['world_size']} ranks: p50 {result['latency_p50_s']:.3f} s, p95 {result['latency_p95_s']:.3f} s, "
-        f"{result['requests_per_s']:.2f} requests/s, generation {result['generation_mean_s']:.3f} s/image\n"
-        f"wrote {out}"
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(10)
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        f"# `distfd serve` under load: {record['service']['model']}, {record['service']['world_size']} ranks "
+        f"on {record['device']}",
+        "",
+        f"Command: `{record['command']}`; {record['note']}",
+        "",
+        "| ranks per image | max batch | clients | hostile share | good 200/sent | good req/s | p50 | p95 | "
+        "generation s (per call) | hostile refused (4xx) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["runs"]:
+        p50 = f"{r['p50_s']:.3f} s" if r["p50_s"] is not None else "-"
+        p95 = f"{r['p95_s']:.3f} s" if r["p95_s"] is not None else "-"
+        gen = f"{r['generation_mean_s']:.3f}" if r["generation_mean_s"] is not None else "-"
+        lines.append(
+            f"| {r['ranks_per_image']} | {r['max_batch']} | {r['clients']} | {r['hostile_share']:.0%} | "
+            f"{r['good_ok']}/"
+            f"{r['good_requests']} | {r['good_per_s']:.2f} | {p50} | {p95} | {gen} | "
+            f"{r['hostile_refused']}/{r['hostile_requests']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    batches = record["config"]["max_batch"]
+    for i, service in enumerate(record["service"]["runs"]):
+        k, b = service["ranks_per_image"], service["max_batch"]
+        runs = [
+            r
+            for r in record["runs"]
+            if r["ranks_per_image"] == k and r["max_batch"] == b and r["hostile_share"] == 0
+        ]
+        name = f"K={k}" if batches == [1] else f"K={k} B={b}"
+        clients = [r["clients"] for r in runs]
+        ax1.plot(clients, [r["good_per_s"] for r in runs], "o-", color=f"C{i}", label=name)
+        ax2.plot(clients, [r["p50_s"] for r in runs], "o-", color=f"C{i}", label=f"{name} p50")
+        ax2.plot(clients, [r["p95_s"] for r in runs], "x--", color=f"C{i}", label=f"{name} p95")
+    ax1.set(xscale="log", xlabel="concurrent clients", ylabel="images/s", title="throughput")
+    ax2.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="seconds", title="latency")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"distfd serve, {record['service']['world_size']} ranks on {record['device']} (rough)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=2, help="W ranks (gloo processes on CPU)")
+    p.add_argument("--ranks-per-image", nargs="+", default=None, help="K values to compare (default: W)")
+    p.add_argument(
+        "--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients, each a run"
     )
-    return 0 if result["ok"] == args.requests else 1
+    p.add_argument(
+        "--requests-per-client", type=int, default=4, help="good requests per client (at least 12)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="max batch values to compare (serve --max-batch)",
+    )
+    p.add_argument("--hostile-share", type=float, default=0.25, help="share of hostile requests; 0: none")
+    p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
+    p.add_argument("--queue-size", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=120.0, help="collective timeout, and per-request limit")
+    p.add_argument("--out", type=Path, default=None, help="output path without suffix")
+    p.add_argument("serve_args", nargs="*", help="more `distfd serve` options, after --")
+    args = p.parse_args()
+    if min(args.clients) < 1 or min(args.max_batch) < 1 or not 0 <= args.hostile_share < 1:
+        p.error("--clients and --max-batch must be >= 1 and --hostile-share in [0, 1)")
+    sizes = args.ranks_per_image or [str(args.ranks)]
+    shares = [0.0, args.hostile_share] if args.hostile_share else [0.0]
+
+    runs, services = [], []
+    for k, batch in itertools.product(sizes, args.max_batch):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc, log_path, cmd = serve(args, k, batch, port)
+        try:
+            health = wait_ready(url, proc, 300)
+            for i in range(max(2, args.ranks)):  # warm every group up
+                post(url, json.dumps({"prompt": PROMPTS[0], "seed": i}).encode(), args.timeout)
+            for clients in args.clients:
+                for share in shares:
+                    good = max(12, clients * args.requests_per_client)
+                    r = load(url, clients, good, share, args.timeout, seed=clients)
+                    r.update(ranks_per_image=k, max_batch=batch, hostile_share=share)
+                    runs.append(r)
+                    print(
+                        f"K={k} B={batch} clients={clients} hostile={share:.0%}: {r['good_ok']}/{good} ok, "
+                        f"{r['good_per_s']:.2f}/s, p50 {seconds(r['p50_s'])}, p95 {seconds(r['p95_s'])}, "
+                        f"hostile refused {r['hostile_refused']}/{r['hostile_requests']}",
+                        flush=True,
+                    )
+        finally:
+            code = stop(proc)
+        services.append(
+            {"ranks_per_image": k, "max_batch": batch, "command": " ".join(cmd[1:]), "exit_code_after_sigterm": code,
+             "stopped_cleanly": "stopping (signal 15)" in log_path.read_text()}
+        )  # fmt: skip
+
+    facts = host_facts(torch.device("cpu"))
+    name = f"load-{'embedded' if not args.model else Path(args.model).name}-cpu-w{args.ranks}"
+    out = args.out or ROOT / "benchmarks" / "results" / name
+    record = {
+        **facts,  # versions and host; the keys below are this benchmark's own
+        "benchmark": "load",
+        "command": "python benchmarks/load.py " + " ".join(sys.argv[1:]),
+        "device": f"CPU ({facts.get('cpu', {}).get('logical_cores', '?')} cores), gloo",
+        "note": (
+            "a shared CPU machine with fewer cores than ranks, so figures are rough: they show the "
+            "shape (groups against one group, hostile traffic against none), not GPU numbers."
+        ),
+        "config": {
+            "ranks_per_image": sizes,
+            "max_batch": args.max_batch,
+            "clients": args.clients,
+            "hostile_share": args.hostile_share,
+            "hostile_kinds": [n for n, _ in HOSTILE],
+        },
+        "service": {"model": health["model"], "world_size": health["world_size"], "runs": services},
+        "runs": runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(record))
+    plot(record, out.with_suffix(".png"))
+    print(f"wrote {out}.json, .md, .png")
+    bad = [r for r in runs if r["good_ok"] != r["good_requests"]]
+    return 1 if bad or not all(s["stopped_cleanly"] for s in services) else 0
 
 
 if __name__ == "__main__":
