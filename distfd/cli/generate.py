@@ -103,7 +103,9 @@ def _up_front(args) -> tuple[Any, Path | None]:
         )
         for flag, given in given_flags:
             if given is not None:
-                raise UsageError(f"{flag} is for batches (--prompts-file); one image uses every rank.")
+                raise UsageError(
+                    f"{flag} is for batches (--prompts-file); drop it for one image (which uses every rank)."
+                )
     else:
         try:
             parse_ranks_per_image(args.ranks_per_image, world_from_env())
