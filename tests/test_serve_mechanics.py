@@ -13,8 +13,6 @@ import json
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -24,6 +22,7 @@ from PIL import Image
 pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 
+from distfd.cli.output import png_bytes  # noqa: E402
 from distfd.pool import coordinator as coordinator_module  # noqa: E402
 from distfd.pool.coordinator import Coordinator, tick_seconds  # noqa: E402
 from distfd.pool.layout import SizePolicy  # noqa: E402
@@ -34,7 +33,7 @@ from distfd.serve.app import FrontSettings, build_app  # noqa: E402
 from distfd.serve.metrics import Metrics  # noqa: E402
 from distfd.serve.server import HttpServer  # noqa: E402
 
-from .servers import read_answer  # noqa: E402
+from .servers import call, read_answer  # noqa: E402
 
 WAIT_S = 20.0
 TOKEN = "a-test-token-of-enough-length"
@@ -104,12 +103,6 @@ def validate(data: dict) -> FakeRequest:
     return FakeRequest(data.get("prompt", ""), data.get("seed", 0))
 
 
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class Service:
     """Coordinator + HTTP server + the worker of world size 1, each in a thread."""
 
@@ -136,7 +129,7 @@ class Service:
         self.http = HttpServer("127.0.0.1", 0)
         self.http.start(build_app(self.coordinator, self.metrics, validate, info, settings))
         self.url = self.http.url
-        worker = Worker(link, 0, {1: DistContext.single()}, self.session, lambda: False, 30, png)
+        worker = Worker(link, 0, {1: DistContext.single()}, self.session, lambda: False, 30, png_bytes)
         self.codes: dict[str, int] = {}
         self.threads = [
             threading.Thread(target=lambda: self.codes.setdefault("worker", worker.serve()), daemon=True),
@@ -147,6 +140,12 @@ class Service:
         for t in self.threads:
             t.start()
         wait_for(lambda: self.coordinator.state == "serving")
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.stop_reason = self.stop_reason or "test end"
@@ -163,18 +162,6 @@ def wait_for(cond, timeout: float = WAIT_S) -> None:
         time.sleep(0.01)
 
 
-def call(url: str, path: str, body=None, raw: bytes | None = None, headers: dict | None = None):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
-    for k, v in (headers or {}).items():
-        req.add_header(k, v)
-    try:
-        with urllib.request.urlopen(req, timeout=WAIT_S) as r:
-            return r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
-
-
 def timed_health(url: str) -> float:
     start = time.monotonic()
     status, _, _ = call(url, "/health")
@@ -184,9 +171,8 @@ def timed_health(url: str) -> float:
 
 @pytest.fixture
 def service():
-    s = Service()
-    yield s
-    s.close()
+    with Service() as s:
+        yield s
 
 
 def test_health_generate_metrics_and_bad_requests(service):
@@ -245,8 +231,7 @@ def test_full_queue_gets_503_with_retry_after_and_fifo_order(service):
 
 
 def test_max_batch_runs_waiting_requests_with_the_same_key_in_one_call():
-    s = Service(queue_size=8, max_batch=3)
-    try:
+    with Service(queue_size=8, max_batch=3) as s:
         with ThreadPoolExecutor(6) as pool:
             first = pool.submit(call, s.url, "/generate", {"prompt": "a", "seed": 1})
             assert s.session.started.wait(WAIT_S)  # seed 1 is in flight, alone
@@ -266,8 +251,6 @@ def test_max_batch_runs_waiting_requests_with_the_same_key_in_one_call():
             assert headers["x-batch-size"] == sizes[seed]
         text = call(s.url, "/metrics")[2].decode()
         assert 'distfd_images_total{ranks="1"} 6.0' in text
-    finally:
-        s.close()
 
 
 def test_stop_finishes_the_request_in_flight_and_answers_the_queued_with_503(service):
@@ -292,8 +275,7 @@ def test_stop_finishes_the_request_in_flight_and_answers_the_queued_with_503(ser
 
 
 def test_stop_cancels_an_image_that_overruns_the_grace_period():
-    s = Service(grace_s=0.3)
-    try:
+    with Service(grace_s=0.3) as s:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(call, s.url, "/generate", {"seed": 1})
             assert s.session.started.wait(WAIT_S)
@@ -304,13 +286,10 @@ def test_stop_cancels_an_image_that_overruns_the_grace_period():
         for t in s.threads:
             t.join(WAIT_S)
         assert s.codes == {"worker": 0, "pool": 0}
-    finally:
-        s.close()
 
 
 def test_deadline_answers_504_and_stops_the_image():
-    s = Service(request_timeout_s=0.5)
-    try:
+    with Service(request_timeout_s=0.5) as s:
         start = time.monotonic()
         status, _, body = call(s.url, "/generate", {"seed": 1})
         assert status == 504 and "--request-timeout" in json.loads(body)["error"]
@@ -319,8 +298,6 @@ def test_deadline_answers_504_and_stops_the_image():
         s.session.release()
         status, _, _ = call(s.url, "/generate", {"seed": 2})  # the service goes on
         assert status == 200 and s.session.runs == [2]
-    finally:
-        s.close()
 
 
 def test_a_queued_request_whose_client_left_is_dropped_before_it_runs(service):
@@ -346,9 +323,8 @@ def test_a_queued_request_whose_client_left_is_dropped_before_it_runs(service):
 
 
 def test_body_bounds_auth_and_a_slow_client():
-    s = Service(max_body_bytes=5000, body_timeout_s=1.0, token=TOKEN)
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    try:
+    with Service(max_body_bytes=5000, body_timeout_s=1.0, token=TOKEN) as s:
         url = s.url
         assert call(url, "/health")[0] == 200  # no token needed
         for headers in (None, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": TOKEN}):
@@ -379,8 +355,6 @@ def test_body_bounds_auth_and_a_slow_client():
         assert answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer
         s.session.release()
         assert call(url, "/generate", {"seed": 3}, headers=auth)[0] == 200
-    finally:
-        s.close()
 
 
 def test_failures_answer_500_without_details_or_507_for_memory_and_the_service_goes_on(service):

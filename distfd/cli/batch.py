@@ -7,8 +7,8 @@
 - The images are made by the pool (:mod:`distfd.pool`): with ``--ranks-per-image K`` the ranks work as
   W/K groups, each line handed to the next free group (not a static split, so a slow group holds no
   one up); by default every image uses all ranks. ``--max-batch N`` lets a group make up to N waiting
-  lines that share size, steps, guidance, mode and key steps in one pipeline call. ``--shard I/N`` takes only lines I, I+N, I+2N, ...
-  (0-based over the file's lines), for Slurm job arrays.
+  lines that share size, steps, guidance, mode and key steps in one pipeline call. ``--shard I/N``
+  takes only lines I, I+N, I+2N, ... (0-based over the file's lines), for Slurm job arrays.
 - Image ``NNNNN-<digest>.png`` for line NNNNN (the digest covers the request and the session settings,
   so an edited line or another model makes a new image); rank 0 alone writes the images and the
   manifest (``manifest.jsonl``, or ``manifest.shard-I-of-N.jsonl`` for a shard), one JSON line per
@@ -71,12 +71,11 @@ def manifest_name(shard: tuple[int, int] | None) -> str:
     return MANIFEST if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def parse_line(text: str, defaults: ImageRequest, limits: RequestLimits | None = None) -> ImageRequest | None:
+def parse_line(text: str, defaults: ImageRequest, limits: RequestLimits) -> ImageRequest | None:
     """One line of a prompts file: None for a blank or ``#`` line; ValueError/TypeError if bad."""
     stripped = text.strip()
     if not stripped or stripped.startswith("#"):
         return None
-    limits = limits or RequestLimits(key_step_files=True)
     if stripped.startswith("{"):
         try:
             data = json.loads(stripped)
@@ -138,18 +137,18 @@ def append_manifest(path: Path, entry: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+@dataclass
 class Writer:
     """Rank 0's front on the pool: submits the images to make, writes each as it finishes."""
 
-    def __init__(self, todo: list[Item], out_dir: Path, manifest: Path, settings: dict, world: int) -> None:
-        self.todo, self.out_dir, self.manifest, self.settings, self.world = (
-            todo,
-            out_dir,
-            manifest,
-            settings,
-            world,
-        )
-        self.made = self.failed = self.dropped = 0
+    todo: list[Item]
+    out_dir: Path
+    manifest: Path
+    settings: dict
+    world: int
+    made: int = 0
+    failed: int = 0
+    dropped: int = 0
 
     def __call__(self, coordinator) -> None:
         why = "every image is done"

@@ -6,6 +6,7 @@ Each raises :class:`UsageError` with one line naming the problem and the fix.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import tempfile
@@ -186,5 +187,12 @@ def check_engine_options(args) -> None:
         flag = next((f for field, f in ENGINE_OPTIONS.items() if text.startswith(field)), None)
         raise UsageError(f"{flag}: {text}" if flag else text) from e
     timeout = getattr(args, "timeout", None)
-    if timeout is not None and not (timeout > 0 and timeout < float("inf")):
-        raise UsageError(f"--timeout must be a positive number of seconds; got {timeout}.")
+    if timeout is not None:
+        check_seconds("--timeout", timeout)
+
+
+def check_seconds(flag: str, value: float, allow_zero: bool = False) -> None:
+    """A duration option: a finite number of seconds, > 0 (or >= 0 with ``allow_zero``)."""
+    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        kind = "non-negative" if allow_zero else "positive"
+        raise UsageError(f"{flag} must be a {kind} number of seconds; got {value}.")

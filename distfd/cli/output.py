@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from . import checks
 
 
-def save_image(image, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    fmt = checks.image_format(path)
+def _atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file in the same folder, then rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        image.save(tmp, format=fmt)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_image(image, path: Path) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    fmt = checks.image_format(path)
+    _atomically(path, lambda tmp: image.save(tmp, format=fmt))
 
 
 def png_bytes(image) -> bytes:
@@ -30,13 +36,7 @@ def png_bytes(image) -> bytes:
 
 def write_atomic(data: bytes, path: Path) -> None:
     """Write ``data`` atomically: a temporary file in the same folder, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def fmt_bytes(n: float) -> str:

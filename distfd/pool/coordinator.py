@@ -73,9 +73,9 @@ class RankLost(RuntimeError):
 class Hooks(Protocol):
     """What the coordinator reports (the service's metrics)."""
 
-    def dispatched(self, size: int) -> None: ...
+    def dispatched(self, size: int, images: int) -> None: ...
 
-    def finished(self, seconds: float, bytes_sent: int, size: int) -> None: ...
+    def finished(self, seconds: float, bytes_sent: int) -> None: ...
 
 
 @dataclass
@@ -300,8 +300,7 @@ class Coordinator:
                 self._busy[rank] = running.id
             self.last_size = len(ranks)
             if self.hooks is not None:
-                for _ in jobs:
-                    self.hooks.dispatched(len(ranks))
+                self.hooks.dispatched(len(ranks), len(jobs))
             for rank in ranks:
                 self._send(rank, Run(running.id, ranks, tuple(job.request for job in jobs)))
 
@@ -388,7 +387,7 @@ class Coordinator:
             seconds = first.seconds
             self.mean_seconds = seconds if self.mean_seconds == 0 else 0.8 * self.mean_seconds + 0.2 * seconds
             if self.hooks is not None:
-                self.hooks.finished(seconds, int(first.stats.get("bytes_sent", 0)), len(running.ranks))
+                self.hooks.finished(seconds, int(first.stats.get("bytes_sent", 0)))
             for job, png, request in zip(running.jobs, first.pngs, first.requests, strict=True):
                 done = Completed(
                     png,

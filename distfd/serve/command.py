@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -97,14 +96,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise UsageError(
-            f"{name} must be a {'non-negative' if allow_zero else 'positive'} number; got {value}."
-        )
-
-
 def _up_front(args):
     """Checks before the ranks join: options, the default request, the model folder, the token."""
     from ..cli import checks
@@ -125,9 +116,9 @@ def _up_front(args):
         raise UsageError(f"--port must be in 0..65535; got {args.port}.")
     if args.max_body_bytes < 1:
         raise UsageError(f"--max-body-bytes must be >= 1; got {args.max_body_bytes}.")
-    _positive("--request-timeout", args.request_timeout)
-    _positive("--body-timeout", args.body_timeout)
-    _positive("--grace", args.grace, allow_zero=True)
+    checks.check_seconds("--request-timeout", args.request_timeout)
+    checks.check_seconds("--body-timeout", args.body_timeout)
+    checks.check_seconds("--grace", args.grace, allow_zero=True)
     limits = limits_from_args(args)
     max_batch_from_args(args)
     try:

@@ -30,7 +30,8 @@ class Metrics:
         )
         self.generation = Histogram(
             "distfd_generation_seconds",
-            "Seconds a group of ranks spent generating one image (as in the X-Generation-Seconds header).",
+            "Seconds of one pipeline call of a group (one image, or several with --max-batch; as in the "
+            "X-Generation-Seconds header).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -57,11 +58,11 @@ class Metrics:
 
     # The coordinator's hooks.
 
-    def dispatched(self, size: int) -> None:
+    def dispatched(self, size: int, images: int) -> None:
         self.size.set(size)
-        self.images.labels(ranks=str(size)).inc()
+        self.images.labels(ranks=str(size)).inc(images)
 
-    def finished(self, seconds: float, bytes_sent: int, size: int) -> None:
+    def finished(self, seconds: float, bytes_sent: int) -> None:
         self.generation.observe(seconds)
         self.bytes.inc(bytes_sent)
 
