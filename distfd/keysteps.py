@@ -8,7 +8,6 @@ the same rules whichever way it arrives. A file is read there, once.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +18,7 @@ from .presets import PRESETS, Preset, preset_names
 from .schedule import rescale
 from .validate import is_int
 
-_UNIFORM = re.compile(r"uniform-(.*)")
-_INDEX_LIST = re.compile(r"\s*\d+\s*(,\s*\d+\s*)*,?\s*")
+UNIFORM_PREFIX = "uniform-"
 
 AUTO_HINT = (
     "key_steps='auto' needs a calibration run: cal = distfd.calibrate(pipe, num_inference_steps, "
@@ -38,25 +36,74 @@ def check_indices(values: Any, where: str) -> tuple[int, ...]:
         raise ValueError(f"{where} is empty; give at least [0] or a preset name such as 'sd-ddim-50'.")
     bad = [k for k in steps if not is_int(k)]
     if bad:
-        raise TypeError(f"{where} must hold ints (0-based loop indices); got {bad[0]!r}.")
+        raise TypeError(f"{where} must hold ints (0-based loop indices); got {_shorten(repr(bad[0]))}.")
     negative = [k for k in steps if k < 0]
     if negative:
-        raise ValueError(f"{where} must be non-negative loop indices; got {negative}.")
+        raise ValueError(f"{where} must be non-negative loop indices; got {_shorten(str(negative))}.")
     dupes = sorted(k for k, n in Counter(steps).items() if n > 1)  # linear: lists may come from clients
     if dupes:
-        raise ValueError(f"{where} has duplicates {dupes}; list each loop index once.")
+        raise ValueError(f"{where} has duplicates {_shorten(str(dupes))}; list each loop index once.")
     if 0 not in steps:
-        raise ValueError(f"{where} {steps} lacks index 0: the encoder must run at the first step. Add 0.")
+        raise ValueError(
+            f"{where} {_shorten(str(steps))} lacks index 0: the encoder must run at the first step. Add 0."
+        )
     return tuple(sorted(steps))
+
+
+MAX_INDEX_DIGITS = 18  # an index written with more digits is out of any loop's range
+
+
+def split_indices(text: str) -> list[Any] | None:
+    """``text`` read as a comma-separated list (``'0,1,5'``; spaces and one trailing comma allowed),
+    or None when it is not one (no comma and not a single integer). Each item becomes an int where it
+    is written as one and is kept as written otherwise, so that :func:`check_indices` gives the very
+    message a JSON list with the same items gets (``'0,-3'``, ``'0,2.7'``, ``'0,3,3'``). One pass over
+    the text, no regular expression: request text may come from anyone."""
+    parts = text.split(",")
+    if len(parts) == 1 and _as_int(parts[0].strip()) is None:
+        return None
+    if len(parts) > 1 and not parts[-1].strip():
+        parts.pop()  # '0,1,' as written by hand
+    values: list[Any] = []
+    for part in parts:
+        item = part.strip()
+        value = _as_int(item)
+        values.append(item if value is None else value)
+    return values
+
+
+def _as_int(item: str) -> int | None:
+    body = item[1:] if item[:1] in ("+", "-") else item
+    if not (body.isascii() and body.isdigit()):
+        return None
+    if len(body) > MAX_INDEX_DIGITS:
+        raise ValueError(
+            f"key_steps holds an index of {len(body)} digits; loop indices are below the step count."
+        )
+    return int(item)
+
+
+def _uniform_every(text: str) -> str | None:
+    """The ``K`` of ``'uniform-K'`` as written (unchecked), or None if ``text`` is not of that form."""
+    return text[len(UNIFORM_PREFIX) :] if text.startswith(UNIFORM_PREFIX) else None
 
 
 def names_a_file(text: str) -> bool:
     """Whether key steps written as ``text`` would be read from a file: anything but indices
     ('0,1,5'), 'uniform-K', a preset name or 'auto'. Decided without touching the file system."""
     text = text.strip()
+    try:
+        listed = split_indices(text) is not None
+    except ValueError:  # an index too long to be one: still the list form, refused when parsed
+        listed = True
     return bool(text) and not (
-        _INDEX_LIST.fullmatch(text) or _UNIFORM.fullmatch(text) or text in PRESETS or text == "auto"
+        listed or _uniform_every(text) is not None or text in PRESETS or text == "auto"
     )
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    """``text`` as quoted in a message: a client's 60 KB string is not echoed back whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def read_preset_file(path: str | Path) -> Preset:
@@ -124,12 +171,14 @@ class KeySteps:
             raise ValueError("key_steps is an empty string; give a preset name such as 'sd-ddim-50'.")
         if text == "auto":
             raise ValueError(AUTO_HINT)
-        if _INDEX_LIST.fullmatch(text):
-            return cls("list", check_indices([int(k) for k in text.split(",") if k.strip()], "key_steps"))
-        if (m := _UNIFORM.fullmatch(text)) is not None:
-            if not m.group(1).isdigit() or int(m.group(1)) < 1:
-                raise ValueError(f"bad uniform preset {text!r}: use 'uniform-K' with an integer K >= 1.")
-            return cls(text, every=int(m.group(1)))
+        if (indices := split_indices(text)) is not None:
+            return cls("list", check_indices(indices, "key_steps"))
+        if (every := _uniform_every(text)) is not None:
+            if not (every.isascii() and every.isdigit()) or int(every) < 1:
+                raise ValueError(
+                    f"bad uniform preset {_shorten(text)!r}: use 'uniform-K' with an integer K >= 1."
+                )
+            return cls(text, every=int(every))
         if text in PRESETS:
             preset = PRESETS[text]
             return cls(text, preset.key_steps, preset.num_steps)
@@ -137,7 +186,8 @@ class KeySteps:
             preset = read_preset_file(text)
             return cls(text, preset.key_steps, preset.num_steps)
         raise ValueError(
-            f"unknown key-step preset {text!r}; known: {', '.join(preset_names())}, or a .json file."
+            f"unknown key-step preset {_shorten(text)!r}; known: {', '.join(preset_names())}, "
+            "'uniform-K', indices such as '0,1,5', or a .json file."
         )
 
     def resolve(

@@ -16,9 +16,13 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .presets import PRESETS
 from .validate import is_int
+
+if TYPE_CHECKING:
+    from .keysteps import KeySteps
 
 MODES = ("propagate", "parallel", "off")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
@@ -32,17 +36,32 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def _check_key_steps(value: Any) -> str | tuple[int, ...] | None:
+def _show(value: Any, limit: int = 40) -> str:
+    """A client's value as quoted in a message: never echoed back whole when it is long."""
+    text = (
+        repr(value)
+        if not isinstance(value, int) or abs(value) < 10**limit
+        else f"a {len(str(value))}-digit number"
+    )
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_key_steps(value: Any) -> str | tuple[int, ...] | KeySteps | None:
     """The request's key steps, checked by :meth:`distfd.keysteps.KeySteps.parse` (the rules every
-    way of giving them meets; a preset file is read here): None (the default for the model, scheduler
-    and steps), a preset name, 'uniform-K' or a .json path (kept as given), or loop indices (sorted)."""
+    way of giving them meets): None (the default for the model, scheduler and steps), a preset name or
+    'uniform-K' (kept as given), loop indices (sorted), or a preset file read here, once, and kept
+    as its parsed :class:`~distfd.keysteps.KeySteps` (a later run does not read the file again)."""
     if value is None:
         return None
     from .keysteps import KeySteps
 
+    if isinstance(value, KeySteps):
+        return value
     if isinstance(value, str):  # a list written '0,1,5' ends as indices, like a JSON list
         parsed = KeySteps.parse(value)
-        return tuple(parsed.indices) if parsed.source == "list" else value.strip()
+        if parsed.source == "list":
+            return tuple(parsed.indices)
+        return parsed if parsed.built_for is not None and value.strip() not in PRESETS else value.strip()
     if isinstance(value, list | tuple):
         parsed = KeySteps.parse(list(value))
         return tuple(parsed.indices)
@@ -76,7 +95,7 @@ class ImageRequest:
     guidance_scale: float = 7.5
     height: int | None = None
     width: int | None = None
-    key_steps: str | tuple[int, ...] | None = None
+    key_steps: str | tuple[int, ...] | KeySteps | None = None
     mode: str = "parallel"
 
     def __post_init__(self) -> None:
@@ -89,24 +108,26 @@ class ImageRequest:
                 f"negative_prompt must be a string or null; got {_type_name(self.negative_prompt)}."
             )
         if not is_int(self.seed):
-            raise TypeError(f"seed must be an integer; got {self.seed!r} ({_type_name(self.seed)}).")
+            raise TypeError(f"seed must be an integer; got {_show(self.seed)} ({_type_name(self.seed)}).")
         if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in 0 .. 2**64-1; got {self.seed}.")
+            raise ValueError(f"seed must be in 0 .. 2**64-1; got {_show(self.seed)}.")
         if not is_int(self.steps):
-            raise TypeError(f"steps must be an integer; got {self.steps!r} ({_type_name(self.steps)}).")
+            raise TypeError(f"steps must be an integer; got {_show(self.steps)} ({_type_name(self.steps)}).")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1; got {self.steps}.")
+            raise ValueError(f"steps must be >= 1; got {_show(self.steps)}.")
         self._check_guidance()
         for side in ("height", "width"):
             v = getattr(self, side)
             if v is None:
                 continue
             if not is_int(v):
-                raise TypeError(f"{side} must be an integer number of pixels; got {v!r} ({_type_name(v)}).")
+                raise TypeError(
+                    f"{side} must be an integer number of pixels; got {_show(v)} ({_type_name(v)})."
+                )
             if v < 8:
-                raise ValueError(f"{side} must be at least 8 pixels; got {v}.")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}.")
+                raise ValueError(f"{side} must be at least 8 pixels; got {_show(v)}.")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {_show(self.mode)}.")
         object.__setattr__(self, "key_steps", _check_key_steps(self.key_steps))
         if self.mode == "off" and self.key_steps is not None:
             raise ValueError(
@@ -117,7 +138,11 @@ class ImageRequest:
     def _check_guidance(self) -> None:
         g = self.guidance_scale
         if not _is_number(g):
-            raise TypeError(f"guidance_scale must be a number; got {g!r} ({_type_name(g)}).")
+            raise TypeError(f"guidance_scale must be a number; got {_show(g)} ({_type_name(g)}).")
+        try:
+            g = float(g)  # a JSON integer may be too large for a float
+        except OverflowError:
+            raise ValueError(f"guidance_scale must be finite; got {_show(self.guidance_scale)}.") from None
         if not math.isfinite(g):
             raise ValueError(f"guidance_scale must be finite; got {g}.")
         if g < 0:
@@ -177,6 +202,8 @@ class ImageRequest:
         d = dataclasses.asdict(self)
         if isinstance(self.key_steps, tuple):
             d["key_steps"] = list(self.key_steps)
+        elif self.key_steps is not None and not isinstance(self.key_steps, str):  # a preset file, read
+            d["key_steps"] = self.key_steps.describe()
         return d
 
     def digest(self, *context: Any) -> str:

@@ -95,6 +95,10 @@ class Session:
         dtype: 'fp32', 'fp16' or 'bf16'; None is fp16 on GPU, fp32 on CPU.
         noise_alpha, encoder, max_parallel_steps: :class:`distfd.FasterDiffusionConfig` fields used
             for every request.
+        bound_parallel: For requests from others (the service, batch lines): without an operator's
+            ``max_parallel_steps``, a request that gives its own key steps decodes at most as many
+            steps per batch as the default key steps would for its step count, so no choice of key
+            steps (``[0]``: the whole loop in one batch) needs more memory than the default does.
         step_progress: Show the pipeline's per-step progress bar on rank 0.
     """
 
@@ -108,6 +112,7 @@ class Session:
         noise_alpha: float = 0.003,
         encoder: str = "rank0",
         max_parallel_steps: int | None = None,
+        bound_parallel: bool = False,
         step_progress: bool = False,
     ) -> None:
         if scheduler not in samplers.SCHEDULERS:
@@ -118,8 +123,11 @@ class Session:
         self.engine_options = dict(
             noise_alpha=noise_alpha, encoder=encoder, max_parallel_steps=max_parallel_steps
         )
+        self.bound_parallel = bound_parallel
         # Fails fast on a bad option, before the ranks load anything.
-        self._config(ImageRequest("x", key_steps=(0,)))
+        from .config import FasterDiffusionConfig
+
+        FasterDiffusionConfig(key_steps=(0,), **self.engine_options)
         check_same_on_all_ranks(ctx, self.settings(), "session settings")
         self._kept = None  # distfd's handle kept applied across requests (compiled denoiser)
         self._defaults: dict[int, tuple[Any, bool]] = {}  # steps -> (parsed default key steps, rescale)
@@ -128,12 +136,7 @@ class Session:
 
     def settings(self) -> dict[str, Any]:
         """What, besides the request, changes the image (in the manifest and the rank check)."""
-        return {
-            "model": self.model or "embedded:tiny-shapes",
-            "scheduler": self.scheduler,
-            "dtype": self.dtype,
-            **self.engine_options,
-        }
+        return settings_of(self.model, self.scheduler, self.dtype, **self.engine_options)
 
     def _load(self, step_progress: bool) -> Any:
         import diffusers
@@ -182,9 +185,18 @@ class Session:
         from .config import FasterDiffusionConfig
 
         spec, rescale = self.key_steps_spec(req)
-        return FasterDiffusionConfig(
-            key_steps=spec, mode=req.mode, rescale_key_steps=rescale, **self.engine_options
-        )
+        options = dict(self.engine_options)
+        if self.bound_parallel and options["max_parallel_steps"] is None and req.key_steps is not None:
+            options["max_parallel_steps"] = self.default_parallel_steps(req.steps)
+        return FasterDiffusionConfig(key_steps=spec, mode=req.mode, rescale_key_steps=rescale, **options)
+
+    def default_parallel_steps(self, steps: int) -> int:
+        """The most steps one decoder batch of the default key steps holds for ``steps`` steps."""
+        from .schedule import groups
+
+        spec, rescale = self.key_steps_spec(ImageRequest("x", steps=steps))
+        loop = self._loop_length(steps)
+        return max(len(g) for g in groups(spec.resolve(steps, loop, rescale), loop))
 
     def _resolved(self, req: ImageRequest, config) -> list[int]:
         return list(
@@ -328,6 +340,18 @@ class Session:
         return list(images[: len(reqs)]), time.perf_counter() - start
 
 
+def settings_of(
+    model: str | None, scheduler: str, dtype: str | None, **engine_options: Any
+) -> dict[str, Any]:
+    """:meth:`Session.settings` of a session with these options (known before it loads)."""
+    return {
+        "model": model or "embedded:tiny-shapes",
+        "scheduler": scheduler,
+        "dtype": dtype,
+        **engine_options,
+    }
+
+
 def batch_key(req: ImageRequest) -> tuple:
     """Requests with equal keys can share one pipeline call (:meth:`Session.run_many`): the same
     size, steps, guidance scale, mode and key steps, and a negative prompt on all or none."""
@@ -364,4 +388,5 @@ __all__ = [
     "default_key_steps",
     "model_facts_from_path",
     "resolve_model",
+    "settings_of",
 ]

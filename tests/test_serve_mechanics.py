@@ -29,7 +29,7 @@ from distfd.pool.layout import SizePolicy  # noqa: E402
 from distfd.pool.links import connect  # noqa: E402
 from distfd.pool.worker import Worker  # noqa: E402
 from distfd.runtime import CANCELLED, DistContext, DistributedError, StoppedTogether  # noqa: E402
-from distfd.serve.app import FrontSettings, build_app  # noqa: E402
+from distfd.serve.app import REASONS, FrontSettings, build_app  # noqa: E402
 from distfd.serve.metrics import Metrics  # noqa: E402
 from distfd.serve.server import HttpServer  # noqa: E402
 
@@ -384,9 +384,12 @@ def test_a_lost_rank_answers_waiting_and_later_requests_with_503(service, monkey
         service.session.release()
         for f in (first, queued):
             status, _, body = f.result(WAIT_S)
-            assert status == 503 and "rank of the service was lost" in json.loads(body)["error"]
+            assert status == 503 and json.loads(body)["error"] == REASONS["failed"]
         status, _, body = call(url, "/generate", {"seed": 3})
-        assert status == 503 and "peer gone" in json.loads(body)["error"]
+        assert status == 503 and json.loads(body)["error"] == REASONS["failed"]
+        status, _, body = call(url, "/health")  # no backend text where no token is needed
+        assert status == 503 and json.loads(body)["reason"] == REASONS["failed"]
+        assert "peer gone" not in body.decode()
     for t in service.threads:
         t.join(WAIT_S)
     assert service.codes == {"worker": 1, "pool": 1}

@@ -13,8 +13,12 @@
   so an edited line or another model makes a new image); rank 0 alone writes the images and the
   manifest (``manifest.jsonl``, or ``manifest.shard-I-of-N.jsonl`` for a shard), one JSON line per
   image in the order they finish: request, settings, seconds, key steps, the ranks that made it.
-- Resumable: an image listed in any manifest of the folder (and on disk) is skipped. An image is
-  written to a temporary file and renamed, then listed, so no manifest lists a half-written file.
+- Resumable: an image listed in any manifest of the folder, and on disk as a complete PNG, is
+  skipped; one whose file is missing, empty or cut short is made again. An image is written to a
+  temporary file named after this host and process, flushed to disk with its folder, renamed, and
+  only then listed, so no manifest lists a file a crash could leave empty. Shards sharing
+  ``--out-dir`` never touch each other's temporary files. With a local model folder, a rerun that
+  finds nothing left to make says so and every rank exits 0 before loading the model.
 - SIGTERM (Slurm preemption or time limit, ``scancel``): the images in progress are finished and
   listed, then every rank exits with 0; a rerun resumes. A failed image is reported with its line and
   left for a rerun; the job then exits 1.
@@ -31,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..limits import RequestLimits, parse_request
+from ..intake import Intake
 from ..request import ImageRequest
 from ..session import batch_key
-from . import checks
-from .options import UsageError, max_batch_from_args, request_from_args
-from .output import png_bytes, write_atomic
+from .options import UsageError, max_batch_from_args
+from .output import is_complete_png, png_bytes, remove_stale_temporaries, write_atomic
 
 logger = logging.getLogger("distfd")
 
@@ -71,29 +74,15 @@ def manifest_name(shard: tuple[int, int] | None) -> str:
     return MANIFEST if shard is None else f"manifest.shard-{shard[0]}-of-{shard[1]}.jsonl"
 
 
-def parse_line(text: str, defaults: ImageRequest, limits: RequestLimits) -> ImageRequest | None:
-    """One line of a prompts file: None for a blank or ``#`` line; ValueError/TypeError if bad."""
-    stripped = text.strip()
-    if not stripped or stripped.startswith("#"):
-        return None
-    if stripped.startswith("{"):
-        try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from e
-        except RecursionError:
-            raise ValueError("the JSON nests too deeply") from None
-        return parse_request(data, defaults, limits)
-    return parse_request({"prompt": stripped}, defaults, limits)
-
-
 def read_items(
-    path: Path, defaults: ImageRequest, session, limits: RequestLimits, shard: tuple[int, int] | None = None
+    path: Path, intake: Intake, settings: dict, shard: tuple[int, int] | None = None
 ) -> tuple[list[Item], list[str]]:
-    """The file's requests (this shard's lines), checked against the limits and the model; and one
-    message per bad line."""
+    """The file's requests (this shard's lines), each admitted by ``intake`` (the one entry for a
+    request from someone else: limits, request and model checks); and one message per bad line.
+    Warnings a line earns (a prompt the embedded model cannot read) are logged with its number."""
+    from ..intake import RequestRefused
+
     items, problems = [], []
-    settings = session.settings()
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -102,27 +91,33 @@ def read_items(
         if shard is not None and (number - 1) % shard[1] != shard[0]:
             continue
         try:
-            req = parse_line(text, defaults, limits)
-            if req is None:
-                continue
-            req = session.check(req)
-            limits.check_request(req)
-        except (ValueError, TypeError) as e:
+            admitted = intake.admit_line(text)
+        except RequestRefused as e:
             problems.append(f"{path}:{number}: {e} (line skipped)")
             continue
+        if admitted is None:
+            continue
+        for warning in admitted.warnings:
+            logger.warning("%s:%d: %s", path, number, warning)
+        req = admitted.request
         items.append(Item(number, req, f"{number:05d}-{req.digest(settings)[:10]}"))
     return items, problems
 
 
 def read_manifest(out_dir: Path) -> set[str]:
-    """Ids of images listed in any manifest of ``out_dir`` (every shard's) whose file is on disk."""
+    """Ids of images listed in any manifest of ``out_dir`` (every shard's) whose file is a complete
+    PNG; an entry whose file is missing, empty or cut short (a crash) is left to be made again."""
     done: set[str] = set()
     for path in sorted(out_dir.glob("manifest*.jsonl")):
         for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             try:
                 entry = json.loads(text)
-                if (out_dir / entry["file"]).is_file():
+                if is_complete_png(out_dir / entry["file"]):
                     done.add(entry["id"])
+                else:
+                    logger.warning(
+                        "%s:%d: %s is missing or incomplete; it is made again", path, number, entry["file"]
+                    )
             except (ValueError, KeyError, TypeError):
                 logger.warning(
                     "%s:%d: unreadable manifest line ignored (its image will be redone)", path, number
@@ -186,7 +181,7 @@ class Writer:
         self.dropped += len(self.todo) - len(jobs)
 
     def _write(self, item: Item, done) -> None:
-        write_atomic(done.png, self.out_dir / item.file)
+        write_atomic(done.png, self.out_dir / item.file, durable=True)  # on disk before it is listed
         append_manifest(
             self.manifest,
             {
@@ -206,7 +201,15 @@ class Writer:
         )
 
 
-def run_batch(session, args, ranks_per_image: int | None, limits: RequestLimits) -> int:
+def plan(args, intake: Intake, settings: dict) -> tuple[list[Item], list[Item], list[str]]:
+    """Rank 0: (this shard's good lines, those still to make, one message per bad line)."""
+    shard = parse_shard(args.shard)
+    items, problems = read_items(args.prompts_file, intake, settings, shard)
+    done = read_manifest(args.out_dir) if args.out_dir.is_dir() else set()
+    return items, [item for item in items if item.id not in done], problems
+
+
+def run_batch(session, args, ranks_per_image: int | None, intake: Intake) -> int:
     """Every rank: the pool over the ranks; rank 0 reads the file and writes the results."""
     from ..pool import Pool, StopFlag
 
@@ -219,19 +222,10 @@ def run_batch(session, args, ranks_per_image: int | None, limits: RequestLimits)
     )
     writer = None
     if ctx.is_main:
-        limits = limits.for_model(session.facts)
-        items, problems = read_items(args.prompts_file, request_from_args(args), session, limits, shard)
+        items, todo, problems = plan(args, intake, session.settings())
         for text in problems:
             logger.warning("%s", text)
-        if args.model is None:
-            for item in items:
-                checks.warn_vocabulary(
-                    item.request.prompt, item.request.negative_prompt, f"{args.prompts_file}:{item.line}: "
-                )
-        for stale in out_dir.glob(".*.tmp"):  # temporary files of a killed run
-            stale.unlink(missing_ok=True)
-        done = read_manifest(out_dir)
-        todo = [item for item in items if item.id not in done]
+        remove_stale_temporaries(out_dir)  # this host's, of processes that are gone
         logger.info(
             "%d image(s) in %s%s: %d already done, %d to make, %d bad line(s); %s rank(s) per image",
             len(items),

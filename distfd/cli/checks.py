@@ -132,40 +132,43 @@ def caption_problem(text: str) -> str | None:
     normal = " ".join(re.findall(r"[a-z]+", text.lower()))
     if re.fullmatch(pattern, normal):
         return None
-    background = re.search(r"(\w+) background", normal)
-    if background and background.group(1) not in scenes.BACKGROUND_NAMES:
-        return (
-            f"{background.group(1)!r} is not one of its background colours "
-            f"({', '.join(scenes.BACKGROUND_NAMES)})"
-        )
+    words = normal.split()
+    colour = next((w for w, n in zip(words, words[1:], strict=False) if n == "background"), None)
+    if colour is not None and colour not in scenes.BACKGROUND_NAMES:
+        return f"{colour!r} is not one of its background colours ({', '.join(scenes.BACKGROUND_NAMES)})"
     return "it is not in the form of its training captions"
 
 
-def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -> None:
+def vocabulary_warning(prompt: str, negative: str | None = None) -> str | None:
     """On the embedded model: a warning naming the words it never saw in training, or saying how a
-    prompt of known words differs from its captions."""
+    prompt of known words differs from its captions; None for a prompt it can read."""
     words = unknown_words(prompt) + [w for w in unknown_words(negative) if w not in unknown_words(prompt)]
     example = "'a small red circle at the top left on a blue background'"
     if words:
-        logger.warning(
-            "%sthe embedded model does not know %s; it knows only the words of its training captions "
-            "(README, 'The embedded default model'), e.g. %s. Expect an image unrelated to the prompt.",
-            where,
-            ", ".join(repr(w) for w in words),
-            example,
+        listed = ", ".join(repr(w) for w in words[:10]) + (
+            f" and {len(words) - 10} more" if len(words) > 10 else ""
         )
-        return
+        return (
+            f"the embedded model does not know {listed}; it knows only the words of its training captions "
+            f"(docs/embedded-model.md), e.g. {example}. Expect an image unrelated to the prompt."
+        )
     problem = caption_problem(prompt)
     if problem:
-        logger.warning(
-            "%sthe prompt %r is made of words the embedded model knows, but %s; it was trained only on "
-            "captions such as %s (README, 'The embedded default model'). Expect an image unrelated "
-            "to the prompt.",
-            where,
-            prompt,
-            problem,
-            example,
+        shown = prompt if len(prompt) <= 80 else prompt[:80] + "..."
+        return (
+            f"the prompt {shown!r} is made of words the embedded model knows, but {problem}; it was "
+            f"trained only on captions such as {example} (docs/embedded-model.md). Expect an image "
+            "unrelated to the prompt."
         )
+    return None
+
+
+def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -> str | None:
+    """Log :func:`vocabulary_warning` (prefixed with ``where``) if there is one; return it."""
+    warning = vocabulary_warning(prompt, negative)
+    if warning:
+        logger.warning("%s%s", where, warning)
+    return warning
 
 
 # FasterDiffusionConfig fields set from the command line, and their options.

@@ -87,7 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _up_front(args) -> tuple[Any, Path | None]:
     """Every check that needs no loaded model; returns the request (sizes filled where known)."""
     from ..pool import parse_ranks_per_image
-    from ..request import ModelFacts, check_for_model
+    from ..request import ModelFacts
     from .batch import parse_shard
 
     request = request_from_args(args)
@@ -138,28 +138,73 @@ def _up_front(args) -> tuple[Any, Path | None]:
     if folder is None:  # a hub id: the model's checks run once it is loaded
         return request, None
     try:
-        facts = ModelFacts.from_folder(folder)
-        from .. import samplers
-
-        length = None
-        if facts.scheduler_config is not None:
-
-            def length(steps: int) -> int:
-                return samplers.loop_length(args.scheduler, facts.scheduler_config, steps)
-
-        spec = request.key_steps
-        if spec is None and request.mode != "off":
-            from ..session import default_key_steps
-
-            spec = default_key_steps(args.model, args.scheduler, request.steps)[0]
-        request = check_for_model(request, facts, loop_length=length, key_steps=spec)
+        request = folder_check(args, ModelFacts.from_folder(folder))(request)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
     return request, folder
 
 
-def _join(args, problem: str | None):
-    """Join the ranks; every rank learns of any rank's failed check and of differing arguments."""
+def folder_check(args, facts):
+    """The model's checks of a request from its folder's configs, before any weight loads (what
+    ``Session.check`` does once the model is loaded)."""
+    from .. import samplers
+    from ..request import check_for_model
+    from ..session import default_key_steps
+
+    length = None
+    if facts.scheduler_config is not None:
+
+        def length(steps: int) -> int:
+            return samplers.loop_length(args.scheduler, facts.scheduler_config, steps)
+
+    def check(request):
+        spec = request.key_steps
+        if spec is None and request.mode != "off":
+            spec = default_key_steps(args.model, args.scheduler, request.steps)[0]
+        return check_for_model(request, facts, loop_length=length, key_steps=spec)
+
+    return check
+
+
+def batch_intake(args, check, facts):
+    """The one entry (:mod:`distfd.intake`) for the lines of ``--prompts-file``: the command line's
+    values as defaults, its limits, ``check`` the model's checks; on the embedded model a prompt it
+    cannot read earns a warning."""
+    from ..intake import Intake
+
+    limits = limits_from_args(args, key_step_files=args.allow_key_step_files)
+
+    def warn(req):
+        return checks.vocabulary_warning(req.prompt, req.negative_prompt)
+
+    return Intake(request_from_args(args), limits, check, facts, warn if args.model is None else None)
+
+
+def _left_to_make(args, folder: Path | None) -> int | None:
+    """Rank 0, batches on a local model folder: how many images are still to make (read before any
+    weight loads); None where that needs the loaded model (a hub id)."""
+    if args.prompts_file is None or folder is None or rank_from_env() != 0:
+        return None
+    from ..request import ModelFacts
+    from ..session import settings_of
+    from .batch import plan
+
+    facts = ModelFacts.from_folder(folder)
+    intake = batch_intake(args, folder_check(args, facts), facts)
+    items, todo, problems = plan(args, intake, settings_of(**session_kwargs(args)))
+    if not todo:
+        logger.info(
+            "nothing left to make: %d image(s) of %s already done, %d bad line(s); not loading the model",
+            len(items),
+            args.prompts_file,
+            len(problems),
+        )
+    return len(todo)
+
+
+def _join(args, problem: str | None, left: int | None = None):
+    """Join the ranks; every rank learns of any rank's failed check and of differing arguments, and
+    of rank 0's count of images left to make (a batch)."""
     from ..session import check_same_on_all_ranks
 
     ctx = context_from_args(args)
@@ -173,31 +218,38 @@ def _join(args, problem: str | None):
             fingerprint = {**request_from_args(args).to_dict(), **session_kwargs(args)}
             fingerprint.update(prompts_file=str(args.prompts_file) if args.prompts_file else None)
             check_same_on_all_ranks(ctx, fingerprint, "arguments")
+            if args.prompts_file is not None:
+                left = ctx.broadcast_object(left, src=0)
     except BaseException:
         ctx.close()
         raise
-    return ctx
+    return ctx, left
 
 
 def run(args) -> int:
-    problem = None
+    problem, left = None, None
     try:
-        request, _ = _up_front(args)
+        request, folder = _up_front(args)
+        left = _left_to_make(args, folder)
     except UsageError as e:
         if world_from_env() == 1:
             raise
         problem, request = str(e), None
-    ctx = _join(args, problem)
+    ctx, left = _join(args, problem, left)
     try:
         batch = args.prompts_file is not None
-        session = session_from_args(args, ctx, step_progress=not (batch or args.compare))
+        if batch and left == 0:
+            return 0  # a rerun with nothing left: no rank loads the model
+        session = session_from_args(
+            args, ctx, step_progress=not (batch or args.compare), bound_parallel=batch
+        )
         if batch:
             from ..pool import parse_ranks_per_image
             from .batch import run_batch
 
-            limits = limits_from_args(args, key_step_files=args.allow_key_step_files)
+            intake = batch_intake(args, session.check, session.facts)
             return run_batch(
-                session, args, parse_ranks_per_image(args.ranks_per_image, ctx.world_size), limits
+                session, args, parse_ranks_per_image(args.ranks_per_image, ctx.world_size), intake
             )
         try:
             request = session.check(request)  # a hub model's checks, now that it is loaded

@@ -209,7 +209,10 @@ def context_from_args(args: argparse.Namespace):
     return DistContext.from_env(timeout_s=args.timeout, device=device, backend=getattr(args, "backend", None))
 
 
-def session_from_args(args: argparse.Namespace, ctx, step_progress: bool = False):
+def session_from_args(
+    args: argparse.Namespace, ctx, step_progress: bool = False, bound_parallel: bool = False
+):
+    """The loaded pipeline; ``bound_parallel`` for requests from others (see ``Session``)."""
     from ..session import Session
 
     if not getattr(args, "verbose", False):
@@ -219,7 +222,7 @@ def session_from_args(args: argparse.Namespace, ctx, step_progress: bool = False
         diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components"
         transformers.utils.logging.disable_progress_bar()  # "Loading weights"
 
-    session = Session(ctx, step_progress=step_progress, **session_kwargs(args))
+    session = Session(ctx, step_progress=step_progress, bound_parallel=bound_parallel, **session_kwargs(args))
     compiling.compile_denoiser(session.pipe, args)
     return session
 

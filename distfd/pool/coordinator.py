@@ -207,7 +207,7 @@ class Coordinator:
         self._told = dict.fromkeys(self.links, now)
         self.open()
         logger.info(
-            "serving on %d rank(s), %s rank(s) per image; heartbeat every %.1fs",
+            "working on %d rank(s), %s rank(s) per image; heartbeat every %.1fs",
             self.policy.world,
             self.policy.label,
             self.tick_s,
@@ -224,7 +224,7 @@ class Coordinator:
                 self._read(POLL_S)
         except RankLost as e:
             logger.error("lost a rank, ending: %s", e)
-            self._fail(f"a rank of the service was lost; the service is shutting down ({e})")
+            self._fail("a rank was lost")  # the details are in the line above
             return 1
         finally:
             self._wake_r.close()
@@ -238,13 +238,13 @@ class Coordinator:
         if not why:
             return
         with self._lock:
-            self.state, self.reason = "stopping", f"the service is shutting down ({why})"
+            self.state, self.reason = "stopping", f"stopping ({why})"
             dropped = list(self._queue)
             self._queue.clear()
         for job in dropped:
             job.future.set_exception(Unavailable(self.reason))
         self._stop_at = time.monotonic()
-        logger.info("stopping (%s); answered %d queued request(s) with 503", why, len(dropped))
+        logger.info("stopping (%s); %d queued image(s) not started", why, len(dropped))
 
     def _stopped(self) -> bool:
         """While stopping: cancel what overran the grace period; once idle, tell every rank to exit."""

@@ -2,32 +2,36 @@
 
 The routes only check, queue and wait; images are made by the ranks (:mod:`distfd.pool`). Nothing a
 client sends can block the event loop: the body is read with a size bound and a deadline, parsing
-and validation run in a worker thread, and /health and /metrics do constant work.
+and the request's checks (:mod:`distfd.intake`, linear in the body) run in a worker thread, and
+/health and /metrics do constant work.
 
-``POST /generate``, in order: the token (401); the service state (503); the body, at most
-``max_body_bytes`` (413, without reading the rest) within ``body_timeout_s`` (408); JSON and the
-request's checks (400); the queue (503 with Retry-After). Then it waits for the image, for the
-deadline (``request_timeout_s`` from arrival: 504, and the image is cancelled at the ranks' next step
-boundary), or for the client to go away (the image is dropped if still queued, cancelled if running).
-A failed image answers 507 when memory ran out, else 500; the details of a 500 go to the log only.
+An image route, in order (:class:`Front`): the token (401); the service state (503); the body, at
+most ``max_body_bytes`` (413, without reading the rest) within ``body_timeout_s`` (408); JSON and
+the request's checks (400); the queue (503 with Retry-After). Then it waits for the images, for the
+deadline (``request_timeout_s`` from arrival: 504, and the images are cancelled at the ranks' next
+step boundary), or for the client to go away (dropped if still queued, cancelled if running). A
+failed image answers 507 when memory ran out, else 500. Whatever a client can read is distfd's own
+text: no server path, no exception text of a backend (those go to the log), a fixed vocabulary of
+reasons on /health. Any unexpected error is a counted 500 with a JSON body, never a bare one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..intake import RequestRefused, decode
 from ..pool.coordinator import Coordinator
 from ..pool.jobs import Cancelled, Completed, GenerationFailed, QueueFull, Unavailable
 from .auth import authorized
@@ -37,51 +41,206 @@ logger = logging.getLogger("distfd")
 
 DISCONNECTED = 499  # counted in the metrics only; nobody is there to read it
 
+# What /health and a 503 say of a service that is not serving: a fixed vocabulary (details: the log).
+REASONS = {
+    "loading": "the model is still loading",
+    "stopping": "the service is shutting down",
+    "failed": "a rank failed or was lost; the service is ending (the server's log has the details)",
+}
+
 
 @dataclass(frozen=True)
 class FrontSettings:
-    """The routes' own bounds (the request limits are in ``validate``).
+    """The routes' own bounds (the request limits are in ``admit``).
 
     Args:
         max_body_bytes: Larger bodies get 413 (``--max-body-bytes``).
         body_timeout_s: A body not received within this gets 408 (``--body-timeout``).
         request_timeout_s: From arrival to answer, else 504 (``--request-timeout``).
         token: The bearer token every route but /health needs; None for none.
+        model: The served model's name, as clients see it (``/v1/models``, ``model``).
     """
 
     max_body_bytes: int = 64 * 1024
     body_timeout_s: float = 30.0
     request_timeout_s: float = 300.0
     token: str | None = None
+    model: str = "distfd"
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
+class Refusal(Exception):
+    """An answer other than images: status, message, the field to blame, extra headers.
+
+    ``close``: the connection is closed after the answer (the body was not read to its end)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.field = status, message, field
+        self.headers = dict(headers or {})
+        if close:
+            self.headers["Connection"] = "close"
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+class Gone(Exception):
+    """The client went away; counted as :data:`DISCONNECTED`, nothing is sent."""
+
+
+def reason(coordinator: Coordinator) -> str:
+    return REASONS.get(coordinator.state, "the service is not serving")
+
+
+def header_text(text: str, limit: int = 1000) -> str:
+    """``text`` as an HTTP header value: printable ASCII only (no CR/LF can split the header)."""
+    safe = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return safe + ("..." if len(text) > limit else "")
+
+
+class Front:
+    """What every image route does between the client and the pool (module docstring)."""
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        metrics: Metrics | None,
+        admit: Callable[[Any], Any],
+        settings: FrontSettings,
+    ) -> None:
+        self.coordinator, self.metrics, self.admit, self.settings = coordinator, metrics, admit, settings
+
+    def check_entry(self, request: Request) -> None:
+        """The token, then the service's state."""
+        if not authorized(request.headers.get("authorization"), self.settings.token):
+            raise Refusal(
+                401,
+                "this service needs 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+                close=True,
+            )
+        state = self.coordinator.state
+        if state != "serving":  # loading, stopping or failed: say why, whatever the body
+            retry = {"Retry-After": "5"} if state == "loading" else None
+            raise Refusal(503, reason(self.coordinator), headers=retry, close=True)
+
+    async def read_json(self, request: Request) -> Any:
+        """The body, bounded in size and time, decoded in a worker thread (strict JSON)."""
+        body = await _read_body(request, self.settings)
+        try:
+            data = await run_in_threadpool(decode, body)
+        except RequestRefused as e:
+            raise Refusal(400, e.message, e.field) from None
+        if not isinstance(data, dict):
+            raise Refusal(400, f"the request body must be a JSON object; got {type(data).__name__}.")
+        return data
+
+    async def check(self, data: Any, to_request: Callable[[Any], Any] | None = None) -> Any:
+        """``admit`` (the request's checks) in a worker thread; 400 naming the field if refused."""
+        try:
+            return await run_in_threadpool(to_request or self.admit, data)
+        except RequestRefused as e:
+            raise Refusal(400, e.message, e.field) from None
+        except (ValueError, TypeError) as e:  # an admit function of a test's stand-in
+            raise Refusal(400, str(e)) from None
+
+    async def make(self, request: Request, requests: list[Any], arrived: float) -> list[Completed]:
+        """Queue ``requests`` (all or none) and wait for every image, the deadline or the client."""
+        try:
+            jobs = self.coordinator.submit_many(requests)
+        except QueueFull as e:
+            raise Refusal(
+                503, str(e), headers={"Retry-After": str(self.coordinator.retry_after_s())}
+            ) from None
+        except Unavailable:
+            raise Refusal(503, reason(self.coordinator)) from None
+        left = self.settings.request_timeout_s - (time.monotonic() - arrived)
+        images = [asyncio.wrap_future(job.future) for job in jobs]
+        for image in images:
+            image.add_done_callback(lambda f: f.cancelled() or f.exception())  # read here or below
+        outcome = await _wait(request, images, left)
+        if outcome != "done":
+            why = "its deadline passed" if outcome == "timeout" else "its client disconnected"
+            for job in jobs:
+                self.coordinator.cancel(job, why)
+            if outcome == "gone":
+                raise Gone()
+            raise Refusal(
+                504,
+                f"no image within {self.settings.request_timeout_s:g} s of the request's arrival "
+                "(--request-timeout); it was cancelled. Retry later or ask for less work.",
+            )
+        return [_result(job.future, request_of(job.request), reason(self.coordinator)) for job in jobs]
+
+    def counted(
+        self,
+        route: Callable[[Request, float], Awaitable[Response]],
+        render: Callable[[Refusal], Response],
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """An image route whose every answer is counted in the metrics (latency of its images too),
+        with any refusal rendered by ``render`` and any unexpected error a logged, counted 500."""
+
+        async def endpoint(request: Request) -> Response:
+            arrived = time.monotonic()
+            try:
+                response = await route(request, arrived)
+            except Refusal as e:
+                response = render(e)
+            except (Gone, ClientDisconnect):
+                response = Response(status_code=DISCONNECTED)
+            except Exception:  # noqa: BLE001 - a bug of ours: the client still gets JSON
+                logger.exception("%s %s failed", request.method, request.url.path)
+                response = render(Refusal(500, "the server failed on this request; its log has the details."))
+            if self.metrics is not None:
+                self.metrics.count(response.status_code)
+                if response.status_code == 200:
+                    self.metrics.latency.observe(time.monotonic() - arrived)
+            return response
+
+        return endpoint
+
+
+def request_of(admitted: Any) -> Any:
+    """The request of an admitted one (:class:`~distfd.intake.Admitted`), or the request itself."""
+    return getattr(admitted, "request", admitted)
+
+
+def _error(refusal: Refusal) -> JSONResponse:
+    return JSONResponse({"error": refusal.message}, status_code=refusal.status, headers=refusal.headers)
+
+
+def image_headers(result: Completed, warnings: tuple[str, ...] = ()) -> dict[str, str]:
+    """Timing, group and key-step headers of an image, and the warnings the request earned."""
+    headers = {
+        "X-Generation-Seconds": f"{result.seconds:.6f}",
+        "X-Ranks-Per-Image": str(len(result.ranks)),
+        "X-Ranks": ",".join(str(r) for r in result.ranks),
+        "X-Generation-Start": f"{result.started:.6f}",
+        "X-Generation-End": f"{result.finished:.6f}",
+        "X-Batch-Size": str(result.batch),
+    }
+    if result.key_steps is not None:  # None: mode 'off', the vanilla pipeline
+        headers["X-Key-Steps"] = ",".join(str(k) for k in result.key_steps)
+    if warnings:
+        headers["X-Distfd-Warning"] = header_text(" | ".join(warnings))
+    return headers
 
 
 def build_app(
     coordinator: Coordinator,
     metrics: Metrics,
-    validate: Callable[[Any], Any],
+    admit: Callable[[Any], Any],
     info: Callable[[], dict[str, Any]],
     settings: FrontSettings,
 ) -> Starlette:
-    """The routes. ``validate`` turns a parsed JSON body into a request or raises ValueError/TypeError
-    with the message the CLI gives (it runs in a worker thread); ``info`` is what /health reports
-    besides the state and queue."""
-
-    def unauthorized(request: Request) -> Response | None:
-        if authorized(request.headers.get("authorization"), settings.token):
-            return None
-        return _error(
-            401, "this service needs 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"}
-        )
+    """The routes. ``admit`` turns a decoded JSON body into an :class:`~distfd.intake.Admitted`
+    request or raises :class:`~distfd.intake.RequestRefused` (it runs in a worker thread); ``info``
+    is what /health reports besides the state and queue."""
+    front = Front(coordinator, metrics, admit, settings)
 
     async def health(request: Request) -> JSONResponse:
         state = coordinator.state
@@ -92,73 +251,44 @@ def build_app(
             "in_flight": coordinator.in_flight,
         }
         if state != "serving":
-            body["reason"] = coordinator.reason
+            body["reason"] = reason(coordinator)
         return JSONResponse(body, status_code=200 if state == "serving" else 503)
 
-    async def generate(request: Request) -> Response:
-        arrived = time.monotonic()
-        response = await _generate(request, arrived)
-        metrics.count(response.status_code)
-        if response.status_code == 200:
-            metrics.latency.observe(time.monotonic() - arrived)
-        return response
-
-    async def _generate(request: Request, arrived: float) -> Response:
-        if (refusal := unauthorized(request)) is not None:
-            return refusal
-        if coordinator.state != "serving":  # loading, stopping or failed: say why, whatever the body
-            retry = {"Retry-After": "5"} if coordinator.state == "loading" else None
-            return _error(503, coordinator.reason, retry)
-        try:
-            body = await _read_body(request, settings)
-            req = await run_in_threadpool(_parse, body, validate)
-        except _Refused as e:
-            return _error(e.status, e.message)
-        except ClientDisconnect:
-            return Response(status_code=DISCONNECTED)
-        try:
-            job = coordinator.submit(req)
-        except QueueFull as e:
-            return _error(503, str(e), {"Retry-After": str(coordinator.retry_after_s())})
-        except Unavailable as e:
-            return _error(503, str(e))
-        left = settings.request_timeout_s - (time.monotonic() - arrived)
-        image = asyncio.wrap_future(job.future)
-        image.add_done_callback(lambda f: f.cancelled() or f.exception())  # read here or in _answer
-        outcome = await _wait(request, image, left)
-        if outcome == "timeout":
-            coordinator.cancel(job, "its deadline passed")
-            return _error(
-                504,
-                f"no image within {settings.request_timeout_s:g} s of the request's arrival "
-                "(--request-timeout); it was cancelled. Retry later or ask for less work.",
-            )
-        if outcome == "gone":
-            coordinator.cancel(job, "its client disconnected")
-            return Response(status_code=DISCONNECTED)
-        return _answer(job.future, req)
+    async def generate(request: Request, arrived: float) -> Response:
+        front.check_entry(request)
+        admitted = await front.check(await front.read_json(request))
+        (result,) = await front.make(request, [request_of(admitted)], arrived)
+        headers = image_headers(result, getattr(admitted, "warnings", ()))
+        return Response(result.png, media_type="image/png", headers=headers)
 
     async def prometheus(request: Request) -> Response:
-        if (refusal := unauthorized(request)) is not None:
-            return refusal
+        if not authorized(request.headers.get("authorization"), settings.token):
+            return _error(Refusal(401, "this service needs 'Authorization: Bearer <token>'", close=True))
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    return Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/generate", generate, methods=["POST"]),
-            Route("/metrics", prometheus, methods=["GET"]),
-        ]
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/generate", front.counted(generate, _error), methods=["POST"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """404 and 405 (an unknown path or method) in JSON like every other error."""
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed here"}.get(
+        exc.status_code, str(exc.detail)
     )
+    return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _read_body(request: Request, settings: FrontSettings) -> bytes:
     limit = settings.max_body_bytes
-    too_large = _Refused(413, f"the request body is larger than {limit} bytes (--max-body-bytes).")
+    too_large = Refusal(413, f"the request body is larger than {limit} bytes (--max-body-bytes).", close=True)
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
-            raise _Refused(400, "the Content-Length header is not a number.")
+        if not (declared.strip().isascii() and declared.strip().isdigit()):
+            raise Refusal(400, "the Content-Length header is not a number.", close=True)
         if int(declared) > limit:
             raise too_large
     body = bytearray()
@@ -171,72 +301,48 @@ async def _read_body(request: Request, settings: FrontSettings) -> bytes:
 
     try:
         await asyncio.wait_for(read(), settings.body_timeout_s)
-    except TimeoutError:
-        raise _Refused(
-            408, f"the request body did not arrive within {settings.body_timeout_s:g} s (--body-timeout)."
+    except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
+        raise Refusal(
+            408,
+            f"the request body did not arrive within {settings.body_timeout_s:g} s (--body-timeout).",
+            close=True,
         ) from None
     return bytes(body)
 
 
-def _parse(body: bytes, validate: Callable[[Any], Any]) -> Any:
-    """JSON and the request's checks (in a worker thread: linear in the body, bounded by its size)."""
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise _Refused(400, "the request body nests too deeply; send a flat JSON object.") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _Refused(400, f"the request body is not valid JSON ({e}); send a JSON object.") from None
-    if not isinstance(data, dict):
-        raise _Refused(400, f"the request body must be a JSON object; got {type(data).__name__}.")
-    try:
-        return validate(data)
-    except (ValueError, TypeError) as e:
-        raise _Refused(400, str(e)) from None
-    except RecursionError:
-        raise _Refused(400, "the request nests too deeply; send a flat JSON object.") from None
-
-
-async def _wait(request: Request, image: asyncio.Future, seconds: float) -> str:
-    """'done', 'timeout' or 'gone' (the client disconnected), whichever comes first."""
+async def _wait(request: Request, images: list[asyncio.Future], seconds: float) -> str:
+    """'done' (every image), 'timeout' or 'gone' (the client disconnected), whichever comes first."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
     watch = asyncio.ensure_future(disconnected())
+    every = asyncio.ensure_future(asyncio.wait(images))
     try:
-        done, _ = await asyncio.wait({image, watch}, timeout=max(0.0, seconds), return_when="FIRST_COMPLETED")
+        done, _ = await asyncio.wait({every, watch}, timeout=max(0.0, seconds), return_when="FIRST_COMPLETED")
     finally:
         watch.cancel()
-    if image in done:
+        every.cancel()
+    if every in done:
         return "done"
     return "gone" if watch in done else "timeout"
 
 
-def _answer(future: Any, req: Any) -> Response:
+def _result(future: Any, req: Any, unavailable: str) -> Completed:
+    """The image of a finished job, or the :class:`Refusal` its failure answers."""
     try:
-        result: Completed = future.result()
+        return future.result()
     except Cancelled as e:
-        return _error(503, f"the image was stopped: {e.reason}.")
-    except Unavailable as e:
-        return _error(503, str(e))
+        raise Refusal(503, f"the image was stopped: {e.reason}.") from None
+    except Unavailable:
+        raise Refusal(503, unavailable) from None
     except GenerationFailed as e:
         if e.out_of_memory:
-            return _error(
+            raise Refusal(
                 507,
                 f"out of memory while generating {req.width}x{req.height} with {req.steps} steps; "
                 "ask for a smaller image or fewer steps, or retry later.",
-            )
+            ) from None
         logger.error("an image failed: %s", e)
-        return _error(500, "generation failed; the server's log has the details.")
-    headers = {
-        "X-Generation-Seconds": f"{result.seconds:.6f}",
-        "X-Ranks-Per-Image": str(len(result.ranks)),
-        "X-Ranks": ",".join(str(r) for r in result.ranks),
-        "X-Generation-Start": f"{result.started:.6f}",
-        "X-Generation-End": f"{result.finished:.6f}",
-        "X-Batch-Size": str(result.batch),
-    }
-    if result.key_steps is not None:  # None: mode 'off', the vanilla pipeline
-        headers["X-Key-Steps"] = ",".join(str(k) for k in result.key_steps)
-    return Response(result.png, media_type="image/png", headers=headers)
+        raise Refusal(500, "generation failed; the server's log has the details.") from None

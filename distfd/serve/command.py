@@ -150,11 +150,24 @@ def _model_name(model: str | None) -> str:
     return Path(model).name if Path(model).expanduser().exists() else model
 
 
+def intake_for(session, defaults, limits, model: str | None):
+    """The one entry for requests from others (:mod:`distfd.intake`) on a loaded ``session``: on the
+    embedded model, a prompt it cannot read earns a warning for the client and the log."""
+    from ..cli import checks
+    from ..intake import Intake
+
+    def warn(req):
+        warning = checks.vocabulary_warning(req.prompt, req.negative_prompt)
+        if warning:
+            logger.warning("a request: %s", warning)
+        return warning
+
+    return Intake(defaults, limits, session.check, session.facts, warn if model is None else None)
+
+
 def run(args) -> int:
     """Serve until SIGTERM/SIGINT (exit 0 on every rank) or a lost rank (exit 1 on every rank)."""
-    from ..cli import checks
     from ..cli.output import png_bytes
-    from ..limits import parse_request
     from ..pool import Pool, StopFlag
     from ..session import batch_key
 
@@ -195,17 +208,12 @@ def run(args) -> int:
             max_batch=max_batch_from_args(args),
             batch_key=batch_key,
         )
-        session = None
+        session = intake = None
         if ctx.is_main:
             from .app import FrontSettings, build_app
 
-            def validate(data: dict):
-                # Only called while serving, so after the session below exists.
-                req = session.check(parse_request(data, defaults, limits))
-                limits.check_request(req)
-                if args.model is None:
-                    checks.warn_vocabulary(req.prompt, req.negative_prompt, where="a request: ")
-                return req
+            def admit(data: dict):
+                return intake.admit(data)  # only called while serving, so after the intake below exists
 
             def info() -> dict:
                 return {
@@ -223,13 +231,14 @@ def run(args) -> int:
                 }
 
             settings = FrontSettings(args.max_body_bytes, args.body_timeout, args.request_timeout, token)
-            http.start(build_app(pool.coordinator, metrics, validate, info, settings))  # /health: "loading"
-        session = session_from_args(args, ctx)
+            http.start(build_app(pool.coordinator, metrics, admit, info, settings))  # /health: "loading"
+        session = session_from_args(args, ctx, bound_parallel=True)
         try:
             defaults = session.check(defaults)
             limits = limits.for_model(session.facts)
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from e
+        intake = intake_for(session, defaults, limits, args.model)
         session.warmup()
         # From here SIGTERM/SIGINT only set a flag (while loading they stop the process as usual).
         with stop:
