@@ -238,7 +238,7 @@ class Coordinator:
         if not why:
             return
         with self._lock:
-            self.state, self.reason = "stopping", f"stopping ({why})"
+            self.state, self.reason = "stopping", f"shutting down ({why})"
             dropped = list(self._queue)
             self._queue.clear()
         for job in dropped:
