@@ -49,6 +49,7 @@ def service(request, model_dir, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp(f"hostile{world}")
     token = log_dir / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     args = ["--model", str(model_dir), "--steps", "10", "--key-steps", "0,1,3,6", "--height", "32"]
     args += ["--width", "32", "--timeout", "20", "--token-file", str(token), "--queue-size", "2"]
     args += ["--request-timeout", str(REQUEST_TIMEOUT_S), "--body-timeout", "2", "--grace", "2"]

@@ -428,6 +428,13 @@ def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys, tmp_path)
         monkeypatch.delenv(var, raising=False)
     short = tmp_path / "short"
     short.write_text("abc\n")
+    short.chmod(0o600)
+    shared = tmp_path / "shared"
+    shared.write_text("s" * 32 + "\n")
+    shared.chmod(0o644)
+    accented = tmp_path / "accented"
+    accented.write_text("é" * 32 + "\n")
+    accented.chmod(0o600)
     for argv, message in [
         (["--queue-size", "0"], "--queue-size must be >= 1; got 0."),
         (
@@ -443,6 +450,13 @@ def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys, tmp_path)
         (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines and no token is set"),
         (["--token-file", str(short)], "must be at least 16 characters"),
         (["--token-file", str(tmp_path / "none")], "cannot read --token-file"),
+        (
+            ["--token-file", str(shared)],
+            f"can be read by other users of this machine; make it private: chmod 600 {shared}",
+        ),
+        (["--token-file", str(accented)], "printable ASCII characters"),
+        (["--header-timeout", "0"], "--header-timeout must be a positive number"),
+        (["--max-connections", "0"], "--max-connections must be >= 1; got 0."),
     ]:
         assert main(["serve", *argv]) == 2, argv
         err = capsys.readouterr().err

@@ -20,18 +20,25 @@ def load_token(token_file: Path | None) -> str | None:
     """The token from ``token_file``, else from ``$DISTFD_TOKEN``, else None; ValueError if unusable."""
     if token_file is not None:
         try:
+            mode = token_file.stat().st_mode
             token = token_file.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read --token-file {token_file}: {e}") from e
+        if mode & 0o044:
+            raise ValueError(
+                f"--token-file {token_file} can be read by other users of this machine; make it "
+                f"private: chmod 600 {token_file}"
+            )
         where = f"--token-file {token_file}"
     elif os.environ.get(TOKEN_ENV):
         token, where = os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
     else:
         return None
-    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+    if len(token) < MIN_TOKEN_CHARS or not all("!" <= c <= "~" for c in token):
         raise ValueError(
-            f"the token in {where} must be at least {MIN_TOKEN_CHARS} characters without spaces; "
-            "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            f"the token in {where} must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+            "spaces (an HTTP header carries nothing else); make one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
     return token
 
@@ -65,7 +72,7 @@ def authorized(header: str | None, token: str | None) -> bool:
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
+    return hmac.compare_digest(given.strip().encode("latin-1", "replace"), token.encode())
 
 
 __all__ = ["TOKEN_ENV", "authorized", "check_exposure", "is_loopback", "load_token"]

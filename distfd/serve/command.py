@@ -91,6 +91,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--body-timeout", type=float, default=30.0, help="seconds to receive a request body; past it 408"
     )
+    g.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for a request head to arrive on a connection; past it the connection closes",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="open connections at most; a new one evicts the oldest that has sent no request yet",
+    )
     add_common_options(p)
     p.set_defaults(run=run)
     return p
@@ -116,8 +128,11 @@ def _up_front(args):
         raise UsageError(f"--port must be in 0..65535; got {args.port}.")
     if args.max_body_bytes < 1:
         raise UsageError(f"--max-body-bytes must be >= 1; got {args.max_body_bytes}.")
+    if args.max_connections < 1:
+        raise UsageError(f"--max-connections must be >= 1; got {args.max_connections}.")
     checks.check_seconds("--request-timeout", args.request_timeout)
     checks.check_seconds("--body-timeout", args.body_timeout)
+    checks.check_seconds("--header-timeout", args.header_timeout)
     checks.check_seconds("--grace", args.grace, allow_zero=True)
     limits = limits_from_args(args)
     max_batch_from_args(args)
@@ -130,15 +145,31 @@ def _up_front(args):
     checks.check_engine_options(args)
     checks.check_model(args.model)
     checks.check_device(args.device)
-    return defaults, limits, ranks_per_image, token
+    return hide_preset_path(defaults), limits, ranks_per_image, token
+
+
+def hide_preset_path(defaults):
+    """The operator's ``--key-steps FILE``, read once at start, named in clients' messages without
+    its path (a request with other steps is refused naming 'the service's default key steps')."""
+    import dataclasses
+
+    from ..keysteps import KeySteps
+
+    if isinstance(defaults.key_steps, KeySteps):
+        hidden = dataclasses.replace(
+            defaults.key_steps, source="the service's default key steps (--key-steps)"
+        )
+        return dataclasses.replace(defaults, key_steps=hidden)
+    return defaults
 
 
 def _listen(args):
     """Rank 0 binds its socket before the ranks join, so a taken port stops every rank at once."""
-    from .server import HttpServer
+    from .server import ConnectionBounds, HttpServer
 
+    bounds = ConnectionBounds(args.header_timeout, args.body_timeout, args.max_connections)
     try:
-        return HttpServer(args.host, args.port), None
+        return HttpServer(args.host, args.port, bounds), None
     except OSError as e:
         return None, str(e)
 
@@ -225,6 +256,9 @@ def run(args) -> int:
                     "limits": {
                         **limits.as_dict(),
                         "max_body_bytes": args.max_body_bytes,
+                        "body_timeout_s": args.body_timeout,
+                        "header_timeout_s": args.header_timeout,
+                        "max_connections": args.max_connections,
                         "request_timeout_s": args.request_timeout,
                         "queue_size": args.queue_size,
                     },
