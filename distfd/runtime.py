@@ -173,7 +173,9 @@ class DistContext:
             return ctx
         world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
         if world == 1:
-            return cls.single(device or _local_device())
+            ctx = cls.single(device or _local_device())
+            ctx.timeout_s = timeout_s  # the pool's heartbeat and waits follow --timeout with one rank too
+            return ctx
         rank = _env_int("RANK", "SLURM_PROCID")
         if rank is None:
             raise ValueError(

@@ -28,7 +28,7 @@ def manifest(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_batch_lines_defaults_bad_lines_and_same_pixels_as_generate(model_dir, tmp_path, capsys):
+def test_batch_lines_defaults_bad_lines_and_same_pixels_as_generate(model_dir, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(
         "\n".join(
@@ -42,12 +42,14 @@ def test_batch_lines_defaults_bad_lines_and_same_pixels_as_generate(model_dir, t
                 "",  # 7
                 '{"prompt": "a green circle", "mode": "off", "guidance_scale": 1}',  # 8: vanilla
                 '{"prompt": "x", "key_steps": [0, 9]}',  # 9: out of range for 6 steps
+                '{"prompt": "x", "guidance_scale": 1' + "0" * 400 + "}",  # 10: too large for a float
+                '{"prompt": "x", "seed": 1, "seed": 2}',  # 11: a field twice
             ]
         )
     )
     out_dir = tmp_path / "out"
     argv = ["generate", "--model", str(model_dir), *ARGS, "--prompts-file", str(prompts)]
-    assert main([*argv, "--out-dir", str(out_dir)]) == 0
+    assert main([*argv, "--out-dir", str(out_dir)]) == 1  # the good lines are made, then exit 1
     text = capsys.readouterr().err
     entries = manifest(out_dir)
     assert [e["line"] for e in entries] == [1, 2, 8]
@@ -62,7 +64,23 @@ def test_batch_lines_defaults_bad_lines_and_same_pixels_as_generate(model_dir, t
     assert f"{prompts}:5: unknown field(s) 'sead'" in text
     assert f"{prompts}:6: not valid JSON" in text
     assert f"{prompts}:9: key steps [9] are out of range" in text
-    assert "3 image(s)" in text and "4 bad line(s)" in text
+    assert f"{prompts}:10: guidance_scale must be finite; got a 401-digit number" in text
+    assert f"{prompts}:11: field 'seed' is given more than once" in text
+    assert "3 image(s)" in text and "6 bad line(s)" in text
+    assert "serving" not in text and "request" not in text  # a batch speaks of lines and images
+
+    # A rerun with nothing left to make says so and ends before the model loads (exit 1: bad lines).
+    import distfd.session
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(distfd.session.Session, "__init__", no_load)
+    assert main([*argv, "--out-dir", str(out_dir)]) == 1
+    text = capsys.readouterr().err
+    assert "nothing left to make: 3 image(s)" in text and "not loading the model" in text
+    assert f"{prompts}:9: key steps [9] are out of range" in text
+    monkeypatch.undo()
     # Line 2 is the image `distfd generate` makes with the same values.
     single = tmp_path / "single.png"
     argv = ["generate", "--model", str(model_dir), *ARGS, "--prompt", "a blue square", "--seed", "3"]
@@ -129,10 +147,9 @@ def test_batch_on_two_ranks_gives_the_one_process_images(model_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a red circle\n{"prompt": "a blue square", "seed": 5}\n{"prompt": "x", "seed": -1}\n')
     argv = ["generate", "--model", str(model_dir), *ARGS, "--prompts-file", str(prompts), "--timeout", "60"]
-    assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 0
+    assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 1  # line 3 is bad
     exits = spawn_ranks([[*argv, "--out-dir", str(tmp_path / "two")]] * 2, free_port(), wait_s=180)
-    for e in exits:
-        assert e.returncode == 0, e.output[-3000:]
+    assert [e.returncode for e in exits] == [1, 0], exits[0].output[-3000:]  # rank 0 reports the line
     assert f"{prompts}:3: seed must be in 0 .. 2**64-1" in exits[0].output
     one, two = manifest(tmp_path / "one"), manifest(tmp_path / "two")
     assert [e["file"] for e in two] == [e["file"] for e in one] and len(two) == 2

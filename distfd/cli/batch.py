@@ -2,7 +2,8 @@
 
 - A line is a prompt, or a JSON object of ImageRequest fields; the command-line values are the
   defaults. Blank lines and lines starting with ``#`` are skipped. A bad line (or one over the limits,
-  :mod:`distfd.limits`) is reported with its number and skipped; the job goes on. Key steps in a line
+  :mod:`distfd.limits`) is reported with its number and skipped; the job goes on and exits 1 at the
+  end. Every line is checked by :class:`distfd.intake.Intake`, as a service's request is. Key steps in a line
   may name a file only with ``--allow-key-step-files``.
 - The images are made by the pool (:mod:`distfd.pool`): with ``--ranks-per-image K`` the ranks work as
   W/K groups, each line handed to the next free group (not a static split, so a slow group holds no
@@ -220,7 +221,7 @@ def run_batch(session, args, ranks_per_image: int | None, intake: Intake) -> int
     pool = Pool.open(
         ctx, ranks_per_image, stop=stop, max_batch=max_batch_from_args(args), batch_key=batch_key
     )
-    writer = None
+    writer, problems = None, []
     if ctx.is_main:
         items, todo, problems = plan(args, intake, session.settings())
         for text in problems:
@@ -246,4 +247,8 @@ def run_batch(session, args, ranks_per_image: int | None, intake: Intake) -> int
         logger.info("stopped after %d image(s); %d left, a rerun resumes", writer.made, left)
     else:
         logger.info("done: %d image(s) made, %d failed", writer.made, writer.failed)
-    return max(code, 1 if writer.failed else 0)
+    if problems:
+        logger.warning(
+            "%d bad line(s) skipped (listed above); exiting 1 once the rest is made", len(problems)
+        )
+    return max(code, 1 if writer.failed or problems else 0)

@@ -182,7 +182,8 @@ def batch_intake(args, check, facts):
 
 def _left_to_make(args, folder: Path | None) -> int | None:
     """Rank 0, batches on a local model folder: how many images are still to make (read before any
-    weight loads); None where that needs the loaded model (a hub id)."""
+    weight loads), or minus the number of bad lines when nothing else is; None where that needs the
+    loaded model (a hub id)."""
     if args.prompts_file is None or folder is None or rank_from_env() != 0:
         return None
     from ..request import ModelFacts
@@ -193,13 +194,15 @@ def _left_to_make(args, folder: Path | None) -> int | None:
     intake = batch_intake(args, folder_check(args, facts), facts)
     items, todo, problems = plan(args, intake, settings_of(**session_kwargs(args)))
     if not todo:
+        for text in problems:
+            logger.warning("%s", text)
         logger.info(
             "nothing left to make: %d image(s) of %s already done, %d bad line(s); not loading the model",
             len(items),
             args.prompts_file,
             len(problems),
         )
-    return len(todo)
+    return len(todo) if todo or not problems else -len(problems)
 
 
 def _join(args, problem: str | None, left: int | None = None):
@@ -238,8 +241,8 @@ def run(args) -> int:
     ctx, left = _join(args, problem, left)
     try:
         batch = args.prompts_file is not None
-        if batch and left == 0:
-            return 0  # a rerun with nothing left: no rank loads the model
+        if batch and left is not None and left <= 0:  # a rerun with nothing left: no rank loads the model
+            return 1 if left < 0 and ctx.is_main else 0  # < 0: only bad lines are left
         session = session_from_args(
             args, ctx, step_progress=not (batch or args.compare), bound_parallel=batch
         )
