@@ -46,6 +46,19 @@ def _show(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _check_unicode(name: str, text: str | None) -> None:
+    """Text a tokenizer can read: no lone surrogate (JSON's ``"\\ud800"`` decodes to one)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{name} holds a character that is not valid Unicode (a lone surrogate at position {e.start}); "
+            "send UTF-8 text."
+        ) from None
+
+
 def _check_key_steps(value: Any) -> str | tuple[int, ...] | KeySteps | None:
     """The request's key steps, checked by :meth:`distfd.keysteps.KeySteps.parse` (the rules every
     way of giving them meets): None (the default for the model, scheduler and steps), a preset name or
@@ -107,6 +120,8 @@ class ImageRequest:
             raise TypeError(
                 f"negative_prompt must be a string or null; got {_type_name(self.negative_prompt)}."
             )
+        for name in ("prompt", "negative_prompt"):
+            _check_unicode(name, getattr(self, name))
         if not is_int(self.seed):
             raise TypeError(f"seed must be an integer; got {_show(self.seed)} ({_type_name(self.seed)}).")
         if not 0 <= self.seed <= MAX_SEED:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,8 @@ import pytest
 
 pytest.importorskip("starlette")
 pytestmark = pytest.mark.timeout(420)
+
+from distfd.keysteps import save_preset_file  # noqa: E402
 
 from . import tiny  # noqa: E402
 from .cli_helpers import spawn_ranks  # noqa: E402
@@ -30,6 +33,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 GOOD = {"prompt": "a red circle", "seed": 3}
 LONG = {"prompt": "a red circle", "steps": 150, "height": 64, "width": 64, "mode": "off"}  # seconds of work
 REQUEST_TIMEOUT_S = 3.0
+TIMEOUT_S = 6  # --timeout: short, so a rank starved by a slow check would be declared lost
 HEALTH_LIMIT_S = 0.1
 # Peak resident memory of rank 0 over the whole battery (tiny model, torch, the HTTP server): the
 # refused 8192x8192 request alone would need several GiB.
@@ -50,12 +54,16 @@ def service(request, model_dir, tmp_path_factory):
     token = log_dir / "token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
-    args = ["--model", str(model_dir), "--steps", "10", "--key-steps", "0,1,3,6", "--height", "32"]
-    args += ["--width", "32", "--timeout", "20", "--token-file", str(token), "--queue-size", "2"]
+    keys = log_dir / "operator-keys.json"  # the operator's preset file: read once, never named to clients
+    save_preset_file(keys, 10, [0, 1, 3, 6])
+    args = ["--model", str(model_dir), "--steps", "10", "--key-steps", str(keys), "--height", "32"]
+    args += ["--width", "32", "--timeout", str(TIMEOUT_S), "--token-file", str(token), "--queue-size", "2"]
     args += ["--request-timeout", str(REQUEST_TIMEOUT_S), "--body-timeout", "2", "--grace", "2"]
     s = Service(args, log_dir, world, module="tests.faulty_rank", DISTFD_TEST_OOM=f"48:0,56:{world - 1}")
     try:
         s.wait_ready()
+        keys.unlink()  # read at start, not per request
+        s.keys_file = keys
         status, _, png = call(s.url, "/generate", GOOD, AUTH)
         assert status == 200, s.results()
         s.reference = png
@@ -168,6 +176,64 @@ def test_key_steps_cannot_name_a_server_file(service, model_dir):
         assert "/" not in error(answer) and "No such file" not in error(answer)
     assert len(messages) == 1  # the same answer whether or not the file exists
     assert_healthy(service)
+
+
+# Strings a check could choke on (backtracking, quadratic scans, echoing), each near the body limit.
+ADVERSARIAL = {
+    "backtracking-index-list": "0" + " " * 60000 + "x",
+    "commas": "0," * 30000,
+    "uniform-huge": "uniform-" + "9" * 60000,
+    "digits": "1" * 60000,
+    "spaces": " " * 60000,
+    "slashes": "/" * 60000,
+    "words": "background " * 5400,
+    "accents": "é" * 30000,
+}
+
+
+@pytest.mark.parametrize(
+    "field", ["prompt", "negative_prompt", "key_steps", "mode", "seed", "height", "name"]
+)
+def test_adversarial_strings_are_answered_at_once_and_health_meanwhile(service, field):
+    """Every check on request text is linear: each pathological string, in each string-bearing
+    place, is refused within 1 s while /health keeps answering within 100 ms (and on 2 ranks the
+    other rank is not starved into being declared lost, with a short --timeout)."""
+    health: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            health.append(health_s(service))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        for name, text in ADVERSARIAL.items():
+            body = {text: 1, **GOOD} if field == "name" else {**GOOD, field: text}
+            if field == "negative_prompt":
+                body["guidance_scale"] = 5
+            start = time.monotonic()
+            status, _, answer = post(service, body)
+            took = time.monotonic() - start
+            assert status in (400, 413), (name, status, answer[:300])
+            assert took < 1.0, (name, took)
+            assert len(error(answer)) <= 400, name  # the string is not echoed back
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert health and max(health) < HEALTH_LIMIT_S, max(health)
+    assert_healthy(service)
+
+
+def test_the_operators_preset_file_is_read_once_and_never_named(service):
+    status, _, answer = post(service, {**GOOD, "steps": 8})  # the default preset is built for 10
+    assert status == 400 and "built for 10 steps" in error(answer), answer
+    assert str(service.keys_file.parent) not in error(answer) and "operator-keys" not in error(answer)
+    assert "the service's default key steps" in error(answer)
+    status, _, body = call(service.url, "/health")
+    assert str(service.keys_file.parent) not in body.decode()
+    assert_healthy(service)  # the file is gone since start: the preset was read once
 
 
 def test_a_slow_client_gets_408_and_health_answers_meanwhile(service):
