@@ -149,7 +149,7 @@ def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -
     if words:
         logger.warning(
             "%sthe embedded model does not know %s; it knows only the words of its training captions "
-            "(README, 'The embedded default model'), e.g. %s. Expect an image unrelated to the prompt.",
+            "(docs/embedded-model.md), e.g. %s. Expect an image unrelated to the prompt.",
             where,
             ", ".join(repr(w) for w in words),
             example,
@@ -159,7 +159,7 @@ def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -
     if problem:
         logger.warning(
             "%sthe prompt %r is made of words the embedded model knows, but %s; it was trained only on "
-            "captions such as %s (README, 'The embedded default model'). Expect an image unrelated "
+            "captions such as %s (docs/embedded-model.md). Expect an image unrelated "
             "to the prompt.",
             where,
             prompt,
