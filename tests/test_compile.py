@@ -158,7 +158,9 @@ def test_planned_graphs_for_fifty_steps():
     assert planned_graphs(calibrated, 50, CFG_ROWS).captures == 5
     # The set shipped for the embedded model (docs/performance.md's table says 5 / 2 / 5: update it with it).
     shipped = resolve_key_steps(str(calibrated_key_steps("ddim", 50)), 50)
-    assert shipped == (0, 7, 10, 13, 20, 26, 33, 39, 46), "the shipped key steps changed: update docs/performance.md"
+    assert shipped == (0, 7, 10, 13, 20, 26, 33, 39, 46), (
+        "the shipped key steps changed: update docs/performance.md"
+    )
     assert planned_graphs(shipped, 50, CFG_ROWS).graphs == 5
     assert planned_graphs(shipped, 50, CFG_ROWS, dynamic=True).graphs == 2
     # Two ranks (rank 0 encodes): each rank's share of a group is its own batch size.
