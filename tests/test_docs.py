@@ -41,16 +41,26 @@ def split_blocks(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
     return "\n".join(prose), blocks
 
 
-def relative_links(text: str) -> list[str]:
-    """Link and image targets outside code (fenced blocks and `inline code`), http(s) and mailto left out."""
+def relative_links(text: str, anchors: bool = False) -> list[str]:
+    """Link and image targets outside code (fenced blocks and `inline code`), http(s) and mailto left
+    out; without their `#anchor` unless asked."""
     prose, _ = split_blocks(text)
     prose = re.sub(r"`[^`\n]*`", "", prose)
     targets = []
     for target in LINK.findall(prose):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
             continue
-        targets.append(target.split("#", 1)[0])
+        targets.append(target if anchors else target.split("#", 1)[0])
     return targets
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    prose, _ = split_blocks(text)
+    return {
+        re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        for m in re.finditer(r"^#{1,6} +(.+?) *#*$", prose, re.MULTILINE)
+    }
 
 
 def shell_lines(lines: list[str]) -> list[str]:
@@ -134,6 +144,17 @@ def test_relative_links_resolve(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_anchors_into_pages_exist(page):
+    bad = []
+    for target in relative_links(page.read_text(), anchors=True):
+        path, _, anchor = target.partition("#")
+        if anchor and path.endswith(".md") and (page.parent / path).exists():
+            if anchor not in heading_anchors((page.parent / path).read_text()):
+                bad.append(target)
+    assert not bad, f"{page.relative_to(ROOT)} links to headings that do not exist: {bad}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_distfd_command_lines_parse(page):
     bad = [f"{line}\n    -> {err}" for line, argv in commands_in(page) if (err := parse_error(argv))]
     assert not bad, f"{page.relative_to(ROOT)}: command lines the CLI refuses:\n" + "\n".join(bad)
@@ -166,3 +187,7 @@ def test_helpers_find_and_refuse_a_bad_line():
     assert parse_error(["generate", "--help"]) is None
     text = "[a](docs/x.md#part) ![b](img.png) [c](https://example.org) `[d](e.md)`\n```\n[f](g.md)\n```"
     assert relative_links(text) == ["docs/x.md", "img.png"]
+    assert relative_links(text, anchors=True)[0] == "docs/x.md#part"
+    assert heading_anchors("# Groups: many (`--ranks-per-image`)\n```\n# not a heading\n```") == {
+        "groups-many---ranks-per-image"
+    }
