@@ -50,6 +50,7 @@ def test_generate_compare_prints_median_range_and_cold_calls(model_dir, tmp_path
         and "of vanilla's time)" in text
     )
     assert "first (cold) calls, not in the figures above" in text
+    assert "torch threads per rank: " in text
     assert "key steps [0, 2]; encoder passes 2" in text
 
 

@@ -129,7 +129,7 @@ def test_compiled_transformer(model):
 
 
 def test_fifty_steps_with_the_paper_key_steps_compile_six_graphs_once():
-    """The README's count for a 50-step call: the paper's DDIM-50 set, CFG, one rank."""
+    """The count docs/performance.md gives for a 50-step call: the paper's DDIM-50 set, CFG, one rank."""
     pipe = tiny.sd()
     _compile(pipe, "module", backend="eager")
     handle = distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps="sd-ddim-50", mode="parallel"))
@@ -144,7 +144,7 @@ def test_fifty_steps_with_the_paper_key_steps_compile_six_graphs_once():
 
 
 def test_planned_graphs_for_fifty_steps():
-    """Graph counts stated in the README (50 steps, CFG, one rank)."""
+    """Graph counts stated in docs/performance.md (50 steps, CFG, one rank)."""
     paper = resolve_key_steps("sd-ddim-50", 50)
     calibrated = (0, 6, 10, 15, 20, 25, 30, 36, 42)
     # Static (default): the encoder and one graph per decoder batch size; 2 rows (the one-step
@@ -156,9 +156,11 @@ def test_planned_graphs_for_fifty_steps():
     assert planned_graphs(calibrated, 50, CFG_ROWS).graphs == 5
     assert planned_graphs(calibrated, 50, CFG_ROWS, dynamic=True).graphs == 2
     assert planned_graphs(calibrated, 50, CFG_ROWS).captures == 5
-    # The set shipped for the embedded model (the README's table says 5 / 2 / 5: update it with it).
+    # The set shipped for the embedded model (docs/performance.md's table says 5 / 2 / 5: update it with it).
     shipped = resolve_key_steps(str(calibrated_key_steps("ddim", 50)), 50)
-    assert shipped == (0, 7, 10, 13, 20, 26, 33, 39, 46), "the shipped key steps changed: update the README"
+    assert shipped == (0, 7, 10, 13, 20, 26, 33, 39, 46), (
+        "the shipped key steps changed: update docs/performance.md"
+    )
     assert planned_graphs(shipped, 50, CFG_ROWS).graphs == 5
     assert planned_graphs(shipped, 50, CFG_ROWS, dynamic=True).graphs == 2
     # Two ranks (rank 0 encodes): each rank's share of a group is its own batch size.

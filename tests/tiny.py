@@ -24,8 +24,13 @@ SCHEDULERS = {
     "pndm": PNDMScheduler,
 }
 SCHED_KW = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+# steps_offset=1 everywhere: diffusers' SD pipelines warn about (and rewrite) any other value; with the
+# default "linspace" spacing of DPM-Solver and Euler it does not move a timestep.
 EXTRA = {
     "ddim": dict(steps_offset=1, clip_sample=False, set_alpha_to_one=False),
+    "dpm": dict(steps_offset=1),
+    "euler": dict(steps_offset=1),
+    "euler-a": dict(steps_offset=1),
     "pndm": dict(steps_offset=1, skip_prk_steps=True),
 }
 

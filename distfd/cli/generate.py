@@ -307,6 +307,8 @@ def _compare(session, request, args) -> int:
     """Vanilla against distfd on the same seed: cold first calls apart, then interleaved reps."""
     import dataclasses
 
+    import torch
+
     ctx = session.ctx
     fast = request if request.mode != "off" else dataclasses.replace(request, mode="parallel")
     vanilla = dataclasses.replace(fast, mode="off", key_steps=None)
@@ -332,6 +334,10 @@ def _compare(session, request, args) -> int:
     ratio = v / f if f > 0 else float("inf")
     verdict = "faster" if ratio >= 1 else "slower"
     lines.append(f"  speed-up: {ratio:.2f}x ({verdict}: distfd took {f / v:.0%} of vanilla's time)")
+    # The figure moves with the threads per rank and with whatever else the machine runs.
+    lines.append(
+        f"  torch threads per rank: {torch.get_num_threads()} (the speed-up depends on threads and load)"
+    )
     lines.append(
         "first (cold) calls, not in the figures above: "
         + ", ".join(f"{name} {s:.3f} s" for name, s in cold.items())

@@ -36,8 +36,8 @@ def calibrated_key_steps(scheduler: str, steps: int) -> Path | None:
     Shipped: ``ddim-50`` with the paper's budget (9 key steps) and ``dpm-20`` (DPM-Solver++) with 9
     (the paper's budget is 7; no set of 7 keeps the image on this model), chosen by ``distfd
     calibrate`` on the final image (the file records the command; the tests re-run it). On this
-    model the paper's sets lose prompt adherence (they end early in the loop); see README,
-    *Quality*. The CLI uses these by default.
+    model the paper's sets lose prompt adherence (they end early in the loop); see
+    docs/quality.md. The CLI uses these by default.
     """
     path = default_model_path() / "key_steps" / f"{scheduler}-{steps}.json"
     return path if path.is_file() else None

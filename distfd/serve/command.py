@@ -119,7 +119,8 @@ def _up_front(args):
     ]
     if missing:
         raise UsageError(
-            f"distfd serve needs {', '.join(missing)}; install the serve extra: pip install 'distfd[serve]'."
+            f"distfd serve needs {', '.join(missing)}; install the serve extra: "
+            "pip install 'distfd[serve]' (from a checkout: pip install -e \".[serve]\")."
         )
     defaults = request_from_args(args)
     if args.queue_size < 1:
