@@ -196,7 +196,11 @@ def test_read_items_reports_bad_lines_and_keeps_the_good(tmp_path):
     from distfd.cli.batch import read_items
 
     prompts = tmp_path / "p.txt"
-    lines = ['{"prompt": "a red circle", "guidance_scale": 1' + "0" * 400 + "}", "a red circle", '{"prompt": "x", "mode": 7}']
+    lines = [
+        '{"prompt": "a red circle", "guidance_scale": 1' + "0" * 400 + "}",
+        "a red circle",
+        '{"prompt": "x", "mode": 7}',
+    ]
     prompts.write_text("\n".join(lines))
     intake = Intake(ImageRequest("x", steps=2), RequestLimits(), lambda r: r)
     items, problems = read_items(Path(prompts), intake, {})
