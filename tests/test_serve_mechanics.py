@@ -13,6 +13,8 @@ import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -95,6 +97,8 @@ class FakeSession:
 
 
 def validate(data: dict) -> FakeRequest:
+    if data.get("prompt") == "a bug of ours":
+        raise RuntimeError("internal detail /srv/secret")
     unknown = set(data) - {"prompt", "seed"}
     if unknown:
         raise ValueError(f"unknown field(s) {sorted(unknown)}")
@@ -208,6 +212,19 @@ def test_health_generate_metrics_and_bad_requests(service):
     assert "distfd_queue_depth 0.0" in text
     assert "distfd_broadcast_bytes_total 10.0" in text
     assert 'distfd_images_total{ranks="1"} 1.0' in text and "distfd_ranks_per_image 1.0" in text
+
+
+def test_an_unexpected_error_is_a_counted_json_500_without_details(service):
+    status, headers, body = call(service.url, "/generate", {"prompt": "a bug of ours"})
+    assert status == 500 and headers["content-type"] == "application/json"
+    assert "secret" not in body.decode() and "log" in json.loads(body)["error"]
+    for method, path, code in (("GET", "/generate", 405), ("GET", "/nowhere", 404)):
+        req = urllib.request.Request(service.url + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(req, timeout=10)
+        assert answer.value.code == code and "error" in json.loads(answer.value.read())
+    text = call(service.url, "/metrics")[2].decode()
+    assert 'distfd_requests_total{status="500"} 1.0' in text
 
 
 def test_full_queue_gets_503_with_retry_after_and_fifo_order(service):
@@ -448,7 +465,7 @@ def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys, tmp_path)
         (["--max-batch", "0"], "--max-batch must be >= 1; got 0."),
         (["--ranks-per-image", "2"], "--ranks-per-image 2 does not divide the 1 rank(s)"),
         (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines and no token is set"),
-        (["--token-file", str(short)], "must be at least 16 characters"),
+        (["--token-file", str(short)], "must be at least 16 printable ASCII characters"),
         (["--token-file", str(tmp_path / "none")], "cannot read --token-file"),
         (
             ["--token-file", str(shared)],
