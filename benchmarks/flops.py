@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "key_steps": list(keys),
         "counter": "torch.utils.flop_counter.FlopCounterMode (FLOPs = 2 x MACs)",
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "vae_decode_gflops": vae_decode_flops(res) / 1e9,
     }

@@ -74,7 +74,7 @@ def host_facts(
 ) -> dict[str, Any]:
     """Everything recorded with every result: versions, command, time, CPU and GPU facts."""
     facts: dict[str, Any] = {
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *(argv if argv is not None else sys.argv)]),
         "seed": seed,
         "versions": _versions(),

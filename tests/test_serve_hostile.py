@@ -22,6 +22,7 @@ pytest.importorskip("starlette")
 pytestmark = pytest.mark.timeout(420)
 
 from distfd.keysteps import save_preset_file  # noqa: E402
+from distfd.pool.coordinator import tick_seconds  # noqa: E402
 
 from . import tiny  # noqa: E402
 from .cli_helpers import spawn_ranks  # noqa: E402
@@ -224,6 +225,10 @@ def test_adversarial_strings_are_answered_at_once_and_health_meanwhile(service, 
         watcher.join(5)
     assert health and max(health) < HEALTH_LIMIT_S, max(health)
     assert_healthy(service)
+
+
+def test_the_heartbeat_follows_the_timeout_on_any_rank_count(service):
+    assert f"heartbeat every {tick_seconds(TIMEOUT_S):.1f}s" in service.log(0)
 
 
 def test_the_operators_preset_file_is_read_once_and_never_named(service):

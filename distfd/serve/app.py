@@ -301,7 +301,7 @@ async def _read_body(request: Request, settings: FrontSettings) -> bytes:
 
     try:
         await asyncio.wait_for(read(), settings.body_timeout_s)
-    except asyncio.TimeoutError:  # the builtin TimeoutError from 3.11 on
+    except TimeoutError:  # asyncio.TimeoutError is this builtin from 3.11, the oldest Python supported
         raise Refusal(
             408,
             f"the request body did not arrive within {settings.body_timeout_s:g} s (--body-timeout).",
