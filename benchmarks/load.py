@@ -6,8 +6,10 @@ For each ``--ranks-per-image K`` (and each ``--max-batch B``) a service is start
 --nproc-per-node W -m distfd serve --ranks-per-image K``) on the embedded model (or ``--model``),
 warmed up, then loaded by C concurrent clients for each C in ``--clients``: once with good requests
 only, once with a share of hostile ones mixed in (oversized images, too many steps, malformed and
-deeply nested JSON, a body over the limit, a huge key-step list, a file path as key steps), all sent by
-the same clients in turn. Recorded per run: every answer's status, the good requests' p50/p95 latency
+deeply nested JSON, a body over the limit, a huge key-step list, a file path as key steps, a string
+that once made a check backtrack, numbers out of range, a field given twice), all sent by
+the same clients in turn, while ``--pest-connections`` connections hold the front open without a
+request (half silent, half sending a request head a byte a second). Recorded per run: every answer's status, the good requests' p50/p95 latency
 (arrival to image, queueing included), good requests/s over the loaded period, the generation seconds
 and group sizes the service reported, then the command, versions and host. Written: one JSON, a
 Markdown table and a PNG in ``benchmarks/results/`` (``load-<model>-<device>-w<W>.*``).
@@ -56,7 +58,64 @@ HOSTILE: list[tuple[str, bytes]] = [
     ("body over the limit", b'{"prompt": "' + b"x" * 100_000 + b'"}'),
     ("huge key-step list", json.dumps({"prompt": PROMPTS[0], "key_steps": list(range(9000))}).encode()),
     ("file path as key steps", json.dumps({"prompt": PROMPTS[0], "key_steps": "/etc/passwd"}).encode()),
+    # A string that made a backtracking check take 20 s (now one linear pass).
+    (
+        "backtracking key steps",
+        json.dumps({"prompt": PROMPTS[0], "key_steps": "0" + " " * 60000 + "x"}).encode(),
+    ),
+    ("number too large for a float", b'{"prompt": "a red circle", "guidance_scale": 1' + b"0" * 400 + b"}"),
+    ("1e400 steps", b'{"prompt": "a red circle", "steps": 1e400}'),
+    ("a field twice", b'{"prompt": "a red circle", "seed": 1, "seed": 2}'),
 ]
+
+
+class Pests:
+    """Connections that hold the front without a request while a run lasts: half open and silent,
+    half sending a request head one byte a second; each one the server closes is opened again."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port, self.count = port, count
+        self.stopped = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Pests:
+        if self.count:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        if self.count:
+            self.thread.join(10)
+
+    def _run(self) -> None:
+        socks: list[tuple[socket.socket, bool]] = []
+        while not self.stopped.is_set():
+            alive = []
+            for sock, dribbles in socks:
+                try:
+                    if dribbles:
+                        sock.send(b"G")
+                    sock.setblocking(False)
+                    if sock.recv(1, socket.MSG_PEEK) == b"":  # closed by the server
+                        raise OSError
+                    alive.append((sock, dribbles))
+                except BlockingIOError:
+                    alive.append((sock, dribbles))
+                except OSError:
+                    sock.close()
+            socks = alive
+            while len(socks) < self.count:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+                except OSError:
+                    break
+                socks.append((sock, len(socks) % 2 == 1))
+                self.opened += 1
+            self.stopped.wait(1.0)
+        for sock, _ in socks:
+            sock.close()
 
 
 def free_port() -> int:
@@ -208,10 +267,17 @@ def markdown(record: dict) -> str:
         f"Command: `{record['command']}`; {record['note']}",
         "",
         "| ranks per image | max batch | clients | hostile share | good 200/sent | good req/s | p50 | p95 | "
-        "generation s (per call) | hostile refused (4xx) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "generation s (per call) | hostile refused (4xx) | p50 / clean p50 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    clean = {
+        (r["ranks_per_image"], r["max_batch"], r["clients"]): r["p50_s"]
+        for r in record["runs"]
+        if r["hostile_share"] == 0
+    }
     for r in record["runs"]:
+        base = clean.get((r["ranks_per_image"], r["max_batch"], r["clients"]))
+        ratio = f"{r['p50_s'] / base:.2f}" if r["hostile_share"] and base and r["p50_s"] else "-"
         p50 = f"{r['p50_s']:.3f} s" if r["p50_s"] is not None else "-"
         p95 = f"{r['p95_s']:.3f} s" if r["p95_s"] is not None else "-"
         gen = f"{r['generation_mean_s']:.3f}" if r["generation_mean_s"] is not None else "-"
@@ -219,7 +285,7 @@ def markdown(record: dict) -> str:
             f"| {r['ranks_per_image']} | {r['max_batch']} | {r['clients']} | {r['hostile_share']:.0%} | "
             f"{r['good_ok']}/"
             f"{r['good_requests']} | {r['good_per_s']:.2f} | {p50} | {p95} | {gen} | "
-            f"{r['hostile_refused']}/{r['hostile_requests']} |"
+            f"{r['hostile_refused']}/{r['hostile_requests']} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -272,6 +338,12 @@ def main() -> int:
         help="max batch values to compare (serve --max-batch)",
     )
     p.add_argument("--hostile-share", type=float, default=0.25, help="share of hostile requests; 0: none")
+    p.add_argument(
+        "--pest-connections",
+        type=int,
+        default=200,
+        help="idle and dribbling connections held open during the hostile runs (reopened when closed)",
+    )
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--timeout", type=float, default=120.0, help="collective timeout, and per-request limit")
@@ -295,8 +367,12 @@ def main() -> int:
             for clients in args.clients:
                 for share in shares:
                     good = max(12, clients * args.requests_per_client)
-                    r = load(url, clients, good, share, args.timeout, seed=clients)
+                    with Pests(port, args.pest_connections if share else 0) as pests:
+                        r = load(url, clients, good, share, args.timeout, seed=clients)
                     r.update(ranks_per_image=k, max_batch=batch, hostile_share=share)
+                    r.update(
+                        pest_connections=args.pest_connections if share else 0, pests_opened=pests.opened
+                    )
                     runs.append(r)
                     print(
                         f"K={k} B={batch} clients={clients} hostile={share:.0%}: {r['good_ok']}/{good} ok, "
