@@ -163,6 +163,14 @@ def vocabulary_warning(prompt: str, negative: str | None = None) -> str | None:
     return None
 
 
+def request_warning(model: str | None):
+    """What earns a request from someone else a warning (for :class:`distfd.intake.Intake`): on the
+    embedded model (``model`` None), a prompt it cannot read; None for any other model."""
+    if model is not None:
+        return None
+    return lambda req: vocabulary_warning(req.prompt, req.negative_prompt)
+
+
 def warn_vocabulary(prompt: str, negative: str | None = None, where: str = "") -> str | None:
     """Log :func:`vocabulary_warning` (prefixed with ``where``) if there is one; return it."""
     warning = vocabulary_warning(prompt, negative)

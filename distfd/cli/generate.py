@@ -173,11 +173,7 @@ def batch_intake(args, check, facts):
     from ..intake import Intake
 
     limits = limits_from_args(args, key_step_files=args.allow_key_step_files)
-
-    def warn(req):
-        return checks.vocabulary_warning(req.prompt, req.negative_prompt)
-
-    return Intake(request_from_args(args), limits, check, facts, warn if args.model is None else None)
+    return Intake(request_from_args(args), limits, check, facts, checks.request_warning(args.model))
 
 
 def _left_to_make(args, folder: Path | None) -> int | None:

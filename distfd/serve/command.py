@@ -188,13 +188,15 @@ def intake_for(session, defaults, limits, model: str | None):
     from ..cli import checks
     from ..intake import Intake
 
+    earned = checks.request_warning(model)
+
     def warn(req):
-        warning = checks.vocabulary_warning(req.prompt, req.negative_prompt)
+        warning = earned(req)
         if warning:
             logger.warning("a request: %s", warning)
         return warning
 
-    return Intake(defaults, limits, session.check, session.facts, warn if model is None else None)
+    return Intake(defaults, limits, session.check, session.facts, warn if earned else None)
 
 
 def run(args) -> int:
