@@ -202,8 +202,10 @@ def test_shards_split_the_lines_and_resume_from_every_manifest(model_dir, prompt
     assert [e["line"] for e in shards[0]] == [1, 3, 5] and [e["line"] for e in shards[1]] == [2, 4, 6]
     for e in shards[0] + shards[1]:
         assert (tmp_path / e["file"]).read_bytes() == (references[1] / e["file"]).read_bytes()
-    exits = batch(model_dir, prompts, tmp_path, 1)  # the whole file: every image is already there
-    assert f"{LINES} already done, 0 to make" in exits[0].output
+    # The whole file on 2 ranks: every image is already there, so no rank loads the model.
+    exits = batch(model_dir, prompts, tmp_path, 2)
+    assert f"nothing left to make: {LINES} image(s)" in exits[0].output and "not loading" in exits[0].output
+    assert not any("working on" in e.output or "Loading" in e.output for e in exits)
 
 
 def test_ranks_per_image_that_does_not_divide_the_ranks_is_refused_before_loading(
