@@ -187,11 +187,22 @@ def test_a_body_over_the_limit_raises_the_413_status_error(service):
     assert "--max-body-bytes" in caught.value.body["message"]
 
 
+def answered(s: Service, status: int) -> int:
+    """How many answers of ``status`` the service has counted."""
+    text = call(s.url, "/metrics", headers=AUTH)[2].decode()
+    line = f'distfd_requests_total{{status="{status}"}} '
+    return int(sum(float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)))
+
+
 @pytest.mark.parametrize(("size", "status", "code"), [("48x32", 507, "out_of_memory"), ("40x32", 500, None)])
 def test_failed_images_raise_internal_server_error_and_the_service_goes_on(service, size, status, code):
-    with pytest.raises(openai.InternalServerError) as caught:
-        client(service).images.generate(prompt=PROMPT, size=size, n=2)
+    before = answered(service, status)
+    with pytest.raises(openai.InternalServerError) as caught:  # the client's default retries on
+        openai.OpenAI(base_url=service.url + "/v1", api_key=TOKEN).images.generate(
+            prompt=PROMPT, size=size, n=2
+        )
     assert caught.value.status_code == status and caught.value.body["code"] == code
+    assert answered(service, status) == before + 1  # not retried: the same request would fail again
     assert "injected" not in caught.value.body["message"]  # backend text stays in the log
     assert images(client(service).images.generate(prompt=PROMPT)) == [generate_png(service)]
 
@@ -270,3 +281,23 @@ def test_while_loading_the_client_gets_internal_server_error_with_retry_after():
         assert "loading" in caught.value.body["message"] and caught.value.body["code"] == "unavailable"
     finally:
         http.stop()
+
+
+def test_max_images_per_request_is_checked_before_loading(monkeypatch, capsys):
+    from distfd.cli import main
+
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "DISTFD_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    for argv, message in [
+        (
+            ["--max-images-per-request", "0"],
+            "--max-images-per-request must be from 1 to --queue-size (16); got 0.",
+        ),
+        (
+            ["--queue-size", "2", "--max-images-per-request", "3"],
+            "--max-images-per-request must be from 1 to --queue-size (2); got 3.",
+        ),
+    ]:
+        assert main(["serve", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

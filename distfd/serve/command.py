@@ -45,6 +45,8 @@ from ..cli.options import (
 
 logger = logging.getLogger("distfd")
 
+DEFAULT_MAX_IMAGES = 4  # --max-images-per-request: n of an OpenAI request (docs/openai.md)
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """The ``serve`` subcommand: every ``generate`` image and model option, plus the service's."""
@@ -67,10 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument(
         "--max-images-per-request",
         type=int,
-        default=4,
+        default=None,
         metavar="N",
         help="images one OpenAI request may ask for (n, each bounded like a /generate request); "
-        "at most --queue-size",
+        "at most --queue-size; default: 4, or --queue-size if smaller",
     )
     s.add_argument(
         "--token-file",
@@ -124,11 +126,7 @@ def _up_front(args):
         raise UsageError(f"--queue-size must be >= 1; got {args.queue_size}.")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535; got {args.port}.")
-    if not 1 <= args.max_images_per_request <= args.queue_size:
-        raise UsageError(
-            f"--max-images-per-request must be from 1 to --queue-size ({args.queue_size}); "
-            f"got {args.max_images_per_request}."
-        )
+    max_images_from_args(args)
     if args.max_body_bytes < 1:
         raise UsageError(f"--max-body-bytes must be >= 1; got {args.max_body_bytes}.")
     checks.check_seconds("--request-timeout", args.request_timeout)
@@ -146,6 +144,18 @@ def _up_front(args):
     checks.check_model(args.model)
     checks.check_device(args.device)
     return defaults, limits, ranks_per_image, token
+
+
+def max_images_from_args(args) -> int:
+    """``--max-images-per-request`` (None: 4, or ``--queue-size`` if smaller); at most the queue."""
+    if args.max_images_per_request is None:
+        return min(DEFAULT_MAX_IMAGES, args.queue_size)
+    if not 1 <= args.max_images_per_request <= args.queue_size:
+        raise UsageError(
+            f"--max-images-per-request must be from 1 to --queue-size ({args.queue_size}); "
+            f"got {args.max_images_per_request}."
+        )
+    return args.max_images_per_request
 
 
 def _listen(args):
@@ -242,7 +252,7 @@ def run(args) -> int:
                         "max_body_bytes": args.max_body_bytes,
                         "request_timeout_s": args.request_timeout,
                         "queue_size": args.queue_size,
-                        "max_images_per_request": args.max_images_per_request,
+                        "max_images_per_request": max_images_from_args(args),
                     },
                 }
 
@@ -252,7 +262,7 @@ def run(args) -> int:
                 args.request_timeout,
                 token,
                 model=_model_name(args.model),
-                max_images_per_request=args.max_images_per_request,
+                max_images_per_request=max_images_from_args(args),
             )
             http.start(build_app(pool.coordinator, metrics, admit, info, settings))  # /health: "loading"
         session = session_from_args(args, ctx, bound_parallel=True)

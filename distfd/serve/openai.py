@@ -75,6 +75,8 @@ KINDS: dict[int, tuple[str, str | None]] = {
 # A full queue: 429, which the client raises as RateLimitError and retries after Retry-After
 # (docs/openai.md, "Errors"); /generate keeps its 503.
 QUEUE_FULL = 429
+# Failures a retry of the same request would only repeat (the client retries every 5xx unless told).
+NO_RETRY = (500, 504, 507)
 
 
 def error_response(refusal: Refusal) -> JSONResponse:
@@ -84,7 +86,8 @@ def error_response(refusal: Refusal) -> JSONResponse:
     )
     param = PARAM.get(refusal.field, refusal.field) if refusal.field else None
     body = {"error": {"message": refusal.message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=refusal.status, headers=refusal.headers)
+    headers = {**refusal.headers, **({"x-should-retry": "false"} if refusal.status in NO_RETRY else {})}
+    return JSONResponse(body, status_code=refusal.status, headers=headers)
 
 
 def _show(value: Any, limit: int = 40) -> str:
