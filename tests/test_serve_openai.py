@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -36,7 +37,7 @@ from .servers import ROOT, Service, call  # noqa: E402
 TOKEN = "openai-route-test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PROMPT = "a small red circle at the top left on a blue background"  # the embedded model can read it
-QUEUE = 3  # --queue-size and --max-images-per-request
+QUEUE = 4  # --queue-size and --max-images-per-request (its default)
 # Seconds of work per image on the embedded model: fills the queue while a test looks at it.
 LONG = {"prompt": PROMPT, "num_inference_steps": 150, "size": "64x64", "mode": "off"}
 
@@ -265,6 +266,24 @@ def test_curl_examples_of_the_docs(service, tmp_path):
             assert (tmp_path / detail).read_bytes().startswith(b"\x89PNG"), script
         else:
             raise AssertionError(f"unknown expectation {expect!r}")
+
+
+def test_openai_client_example_of_the_docs(service, tmp_path):
+    """The ```python example of docs/openai.md, run as written (but for the address) in a folder with
+    the token: it writes the images of seeds 7 to 10, those /generate makes."""
+    if service.world != 1:
+        pytest.skip("the example does not depend on the ranks; run once")
+    (script,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "openai.md").read_text(), flags=re.S)
+    assert "http://127.0.0.1:8000/v1" in script
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    (tmp_path / "example.py").write_text(script.replace("http://127.0.0.1:8000", service.url))
+    done = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    fields = {"steps": 20, "guidance_scale": 7.5}
+    for seed in range(7, 11):
+        assert (tmp_path / f"circle-{seed}.png").read_bytes() == generate_png(service, seed=seed, **fields)
 
 
 def test_while_loading_the_client_gets_internal_server_error_with_retry_after():
