@@ -139,6 +139,7 @@ def test_a_prompt_the_model_cannot_read_gets_images_and_the_warning(service):
         ({"response_format": "url"}, "response_format", "'b64_json'"),
         ({"output_format": "jpeg"}, "output_format", "'png'"),
         ({"extra_body": {"colour": "red"}}, "colour", "unknown field(s) 'colour'"),
+        ({"extra_body": {"k" * 5000: 1}}, "k" * 40, "(5002 characters)"),  # not echoed whole
         ({"extra_body": {"num_inference_steps": 1000}}, "num_inference_steps", "--max-steps"),
         ({"extra_body": {"seed": -1}}, "seed", "seed must be"),
         ({"extra_body": {"seed": 2**64 - 2}, "n": 3}, "seed", "image 2 would get seed"),

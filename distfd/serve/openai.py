@@ -116,10 +116,10 @@ def translate(data: dict[str, Any], model: str, max_images: int, max_pixels: int
     unknown = sorted(str(k) for k in data if k not in KNOWN)
     if unknown:
         raise RequestRefused(
-            f"unknown field(s) {', '.join(repr(k) for k in unknown[:10])}"
+            f"unknown field(s) {', '.join(_show(k) for k in unknown[:10])}"
             f"{f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''}; known fields: "
             f"{', '.join(KNOWN)}.",
-            unknown[0],
+            unknown[0][:40],  # a client's key, echoed as param: never whole when long
         )
     for name, neutral in NEUTRAL.items():
         if data.get(name) not in neutral:
