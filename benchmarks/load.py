@@ -14,6 +14,12 @@ request (half silent, half sending a request head a byte a second). Recorded per
 and group sizes the service reported, then the command, versions and host. Written: one JSON, a
 Markdown table and a PNG in ``benchmarks/results/`` (``load-<model>-<device>-w<W>.*``).
 Every wait is bounded; the services are stopped with SIGTERM.
+
+``--openai-n N``: each good request is ``POST /v1/images/generations`` for N images (docs/openai.md),
+so the N images of one request can be made in one pipeline call (``--max-batch N``) or spread over
+groups (``--ranks-per-image`` < W); the latency is the whole request's, and images/s counts images:
+
+    python benchmarks/load.py --ranks 2 --ranks-per-image 1 2 --max-batch 1 4 --clients 1 4 --openai-n 4
 """
 
 from __future__ import annotations
@@ -124,9 +130,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(url: str, body: bytes, timeout: float) -> tuple[int, float, dict]:
+def post(url: str, body: bytes, timeout: float, path: str = "/generate") -> tuple[int, float, dict]:
     """(status, seconds to the answer, response headers with lower-case names)."""
-    req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url + path, data=body, headers={"Content-Type": "application/json"})
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -165,8 +171,11 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), q))
 
 
-def load(url: str, clients: int, good: int, hostile_share: float, timeout: float, seed: int) -> dict:
-    """C threads send ``good`` good requests, with hostile ones mixed in at ``hostile_share``."""
+def load(
+    url: str, clients: int, good: int, hostile_share: float, timeout: float, seed: int, openai_n: int = 0
+) -> dict:
+    """C threads send ``good`` good requests, with hostile ones mixed in at ``hostile_share``; with
+    ``openai_n``, each good one asks the OpenAI route for that many images."""
     rng = random.Random(seed)
     hostile = round(good * hostile_share / (1 - hostile_share)) if hostile_share else 0
     plan = [("good", i) for i in range(good)] + [("hostile", i) for i in range(hostile)]
@@ -182,12 +191,16 @@ def load(url: str, clients: int, good: int, hostile_share: float, timeout: float
             if item is None:
                 return
             kind, i = item
-            if kind == "good":
+            path = "/generate"
+            if kind == "good" and openai_n:
+                body = json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "seed": i * openai_n, "n": openai_n})
+                name, body, path = "good", body.encode(), "/v1/images/generations"
+            elif kind == "good":
                 body = json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "seed": i}).encode()
                 name = "good"
             else:
                 name, body = HOSTILE[i % len(HOSTILE)]
-            status, seconds, headers = post(url, body, timeout)
+            status, seconds, headers = post(url, body, timeout, path)
             with lock:
                 records.append(
                     {
@@ -195,8 +208,10 @@ def load(url: str, clients: int, good: int, hostile_share: float, timeout: float
                         "status": status,
                         "latency_s": seconds,
                         "generation_s": float(headers["x-generation-seconds"]) if status == 200 else None,
-                        "ranks_per_image": int(headers["x-ranks-per-image"]) if status == 200 else None,
-                        "batch": int(headers.get("x-batch-size", 1)) if status == 200 else None,
+                        # the OpenAI route lists each image's group size and batch size
+                        "ranks_per_image": _first(headers["x-ranks-per-image"]) if status == 200 else None,
+                        "batch": _first(headers.get("x-batch-size", "1")) if status == 200 else None,
+                        "ranks": headers.get("x-ranks") if status == 200 else None,
                     }
                 )
 
@@ -215,9 +230,12 @@ def load(url: str, clients: int, good: int, hostile_share: float, timeout: float
         by[str(r["status"])] = by.get(str(r["status"]), 0) + 1
     sizes: dict[str, int] = {}
     batches: dict[str, int] = {}
+    spans: dict[str, int] = {}
     for r in ok:
         sizes[str(r["ranks_per_image"])] = sizes.get(str(r["ranks_per_image"]), 0) + 1
         batches[str(r["batch"])] = batches.get(str(r["batch"]), 0) + 1
+        spans[str(r["ranks"])] = spans.get(str(r["ranks"]), 0) + 1
+    per_request = max(1, openai_n)
     return {
         "clients": clients,
         "good_requests": good,
@@ -229,18 +247,27 @@ def load(url: str, clients: int, good: int, hostile_share: float, timeout: float
         ),
         "wall_s": wall,
         "good_per_s": len(ok) / wall,
+        "images_per_request": per_request,
+        "images_per_s": len(ok) * per_request / wall,
         "p50_s": percentile(latencies, 0.5),
         "p95_s": percentile(latencies, 0.95),
         "generation_mean_s": statistics.fmean(r["generation_s"] for r in ok) if ok else None,
         "ranks_per_image_seen": sizes,
         "batch_sizes_seen": batches,
+        "ranks_seen_per_request": spans,
     }
+
+
+def _first(value: str) -> int:
+    """The largest of a header's comma-separated numbers (one number on /generate)."""
+    return max(int(v) for v in value.split(","))
 
 
 def serve(args, k: str, batch: int, port: int) -> tuple[subprocess.Popen, Path, list[str]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks)]
     cmd += ["-m", "distfd", "serve", "--port", str(port), "--queue-size", str(args.queue_size)]
     cmd += ["--timeout", str(args.timeout), "--ranks-per-image", k, "--max-batch", str(batch)]
+    cmd += ["--max-images-per-request", str(args.openai_n)] if args.openai_n > 1 else []
     cmd += ["--model", args.model] if args.model else []
     cmd += args.serve_args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -267,8 +294,8 @@ def markdown(record: dict) -> str:
         f"Command: `{record['command']}`; {record['note']}",
         "",
         "| ranks per image | max batch | clients | hostile share | good 200/sent | good req/s | p50 | p95 | "
-        "generation s (per call) | hostile refused (4xx) | p50 / clean p50 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "generation s (per call) | hostile refused (4xx) | images per request | images/s | p50 / clean p50 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     clean = {
         (r["ranks_per_image"], r["max_batch"], r["clients"]): r["p50_s"]
@@ -285,7 +312,8 @@ def markdown(record: dict) -> str:
             f"| {r['ranks_per_image']} | {r['max_batch']} | {r['clients']} | {r['hostile_share']:.0%} | "
             f"{r['good_ok']}/"
             f"{r['good_requests']} | {r['good_per_s']:.2f} | {p50} | {p95} | {gen} | "
-            f"{r['hostile_refused']}/{r['hostile_requests']} | {ratio} |"
+            f"{r['hostile_refused']}/{r['hostile_requests']} | {r.get('images_per_request', 1)} | "
+            f"{r.get('images_per_s', r['good_per_s']):.2f} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -307,7 +335,9 @@ def plot(record: dict, path: Path) -> None:
         ]
         name = f"K={k}" if batches == [1] else f"K={k} B={b}"
         clients = [r["clients"] for r in runs]
-        ax1.plot(clients, [r["good_per_s"] for r in runs], "o-", color=f"C{i}", label=name)
+        ax1.plot(
+            clients, [r.get("images_per_s", r["good_per_s"]) for r in runs], "o-", color=f"C{i}", label=name
+        )
         ax2.plot(clients, [r["p50_s"] for r in runs], "o-", color=f"C{i}", label=f"{name} p50")
         ax2.plot(clients, [r["p95_s"] for r in runs], "x--", color=f"C{i}", label=f"{name} p95")
     ax1.set(xscale="log", xlabel="concurrent clients", ylabel="images/s", title="throughput")
@@ -347,6 +377,9 @@ def main() -> int:
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--timeout", type=float, default=120.0, help="collective timeout, and per-request limit")
+    p.add_argument(
+        "--openai-n", type=int, default=0, help="good requests ask POST /v1/images/generations for N images"
+    )
     p.add_argument("--out", type=Path, default=None, help="output path without suffix")
     p.add_argument("serve_args", nargs="*", help="more `distfd serve` options, after --")
     args = p.parse_args()
@@ -368,7 +401,9 @@ def main() -> int:
                 for share in shares:
                     good = max(12, clients * args.requests_per_client)
                     with Pests(port, args.pest_connections if share else 0) as pests:
-                        r = load(url, clients, good, share, args.timeout, seed=clients)
+                        r = load(
+                            url, clients, good, share, args.timeout, seed=clients, openai_n=args.openai_n
+                        )
                     r.update(ranks_per_image=k, max_batch=batch, hostile_share=share)
                     r.update(
                         pest_connections=args.pest_connections if share else 0, pests_opened=pests.opened
@@ -376,7 +411,7 @@ def main() -> int:
                     runs.append(r)
                     print(
                         f"K={k} B={batch} clients={clients} hostile={share:.0%}: {r['good_ok']}/{good} ok, "
-                        f"{r['good_per_s']:.2f}/s, p50 {seconds(r['p50_s'])}, p95 {seconds(r['p95_s'])}, "
+                        f"{r['good_per_s']:.2f}/s ({r['images_per_s']:.2f} images/s), p50 {seconds(r['p50_s'])}, p95 {seconds(r['p95_s'])}, "
                         f"hostile refused {r['hostile_refused']}/{r['hostile_requests']}",
                         flush=True,
                     )
@@ -405,6 +440,7 @@ def main() -> int:
             "clients": args.clients,
             "hostile_share": args.hostile_share,
             "hostile_kinds": [n for n, _ in HOSTILE],
+            "openai_n": args.openai_n,
         },
         "service": {"model": health["model"], "world_size": health["world_size"], "runs": services},
         "runs": runs,

@@ -106,7 +106,8 @@ class RequestLimits:
             pixels = req.height * req.width
             if pixels > self.max_pixels:
                 raise ValueError(
-                    f"{req.width}x{req.height} is {pixels} pixels; the limit is {self.max_pixels} "
+                    f"width x height {req.width}x{req.height} is {pixels} pixels; "
+                    f"the limit is {self.max_pixels} "
                     "(--max-pixels, by default 4x the model's default image area). Ask for a smaller image."
                 )
         if isinstance(req.key_steps, tuple) and len(req.key_steps) > req.steps:

@@ -64,7 +64,8 @@ def heading_anchors(text: str) -> set[str]:
 
 
 def shell_lines(lines: list[str]) -> list[str]:
-    """Logical lines of a shell block: `\\` continuations joined, a console's `$ ` prompt dropped."""
+    """Logical lines of a shell block: `\\` continuations and quotes over several lines joined, a
+    console's `$ ` prompt dropped."""
     out, pending = [], ""
     for line in lines:
         line = line.rstrip()
@@ -73,11 +74,22 @@ def shell_lines(lines: list[str]) -> list[str]:
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue
+        if _open_quote(pending + line):
+            pending += line + "\n"
+            continue
         out.append(pending + line)
         pending = ""
     if pending:
         out.append(pending)
     return out
+
+
+def _open_quote(text: str) -> bool:
+    try:
+        shlex.split(text, comments=True)
+    except ValueError:  # "No closing quotation": the quote goes on in the next line
+        return True
+    return False
 
 
 def distfd_argvs(line: str) -> list[list[str]]:

@@ -59,6 +59,7 @@ class FrontSettings:
         request_timeout_s: From arrival to answer, else 504 (``--request-timeout``).
         token: The bearer token every route but /health needs; None for none.
         model: The served model's name, as clients see it (``/v1/models``, ``model``).
+        max_images_per_request: Images one OpenAI request may ask for (``n``; ``--max-images-per-request``).
     """
 
     max_body_bytes: int = 64 * 1024
@@ -66,6 +67,7 @@ class FrontSettings:
     request_timeout_s: float = 300.0
     token: str | None = None
     model: str = "distfd"
+    max_images_per_request: int = 4
 
 
 class Refusal(Exception):
@@ -148,13 +150,16 @@ class Front:
         except (ValueError, TypeError) as e:  # an admit function of a test's stand-in
             raise Refusal(400, str(e)) from None
 
-    async def make(self, request: Request, requests: list[Any], arrived: float) -> list[Completed]:
-        """Queue ``requests`` (all or none) and wait for every image, the deadline or the client."""
+    async def make(
+        self, request: Request, requests: list[Any], arrived: float, full: int = 503
+    ) -> list[Completed]:
+        """Queue ``requests`` (all or none) and wait for every image, the deadline or the client.
+        A full queue answers ``full`` (the route's status for it) with Retry-After."""
         try:
             jobs = self.coordinator.submit_many(requests)
         except QueueFull as e:
             raise Refusal(
-                503, str(e), headers={"Retry-After": str(self.coordinator.retry_after_s())}
+                full, str(e), headers={"Retry-After": str(self.coordinator.retry_after_s())}
             ) from None
         except Unavailable:
             raise Refusal(503, reason(self.coordinator)) from None
@@ -271,6 +276,9 @@ def build_app(
         Route("/generate", front.counted(generate, _error), methods=["POST"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+    from .openai import routes as openai_routes  # here: it imports this module
+
+    routes += openai_routes(front, info)  # POST /v1/images/generations, GET /v1/models (docs/openai.md)
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
@@ -279,6 +287,10 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed here"}.get(
         exc.status_code, str(exc.detail)
     )
+    if request.url.path.startswith("/v1/"):  # the OpenAI API's paths answer in its error shape
+        from .openai import error_response
+
+        return error_response(Refusal(exc.status_code, message, headers=exc.headers))
     return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
 

@@ -5,7 +5,9 @@ made by a group of ranks (--ranks-per-image: all of them by default; K for W/K i
 by queue length) exactly as distfd generate makes it on that many ranks. The generate options are the
 defaults of every request. Routes: GET /health, POST /generate (a JSON body with any of prompt,
 negative_prompt, seed, steps, guidance_scale, height, width, key_steps, mode; answers image/png),
-GET /metrics (Prometheus). Every route but /health needs the bearer token when one is set.
+POST /v1/images/generations and GET /v1/models (the OpenAI images API, n images per request:
+docs/openai.md), GET /metrics (Prometheus). Every route but /health needs the bearer token when one
+is set.
 
 Each request is bounded before it is queued (--max-pixels, --max-steps, --max-prompt-chars,
 --max-body-bytes) and in time (--request-timeout: 504, the image is stopped at the next step).
@@ -43,6 +45,8 @@ from ..cli.options import (
 
 logger = logging.getLogger("distfd")
 
+DEFAULT_MAX_IMAGES = 4  # --max-images-per-request: n of an OpenAI request (docs/openai.md)
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """The ``serve`` subcommand: every ``generate`` image and model option, plus the service's."""
@@ -62,6 +66,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_ranks_per_image_option(s)
     add_max_batch_option(s)
+    s.add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images one OpenAI request may ask for (n, each bounded like a /generate request); "
+        "at most --queue-size; default: 4, or --queue-size if smaller",
+    )
     s.add_argument(
         "--token-file",
         type=Path,
@@ -127,6 +139,7 @@ def _up_front(args):
         raise UsageError(f"--queue-size must be >= 1; got {args.queue_size}.")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535; got {args.port}.")
+    max_images_from_args(args)
     if args.max_body_bytes < 1:
         raise UsageError(f"--max-body-bytes must be >= 1; got {args.max_body_bytes}.")
     if args.max_connections < 1:
@@ -162,6 +175,18 @@ def hide_preset_path(defaults):
         )
         return dataclasses.replace(defaults, key_steps=hidden)
     return defaults
+
+
+def max_images_from_args(args) -> int:
+    """``--max-images-per-request`` (None: 4, or ``--queue-size`` if smaller); at most the queue."""
+    if args.max_images_per_request is None:
+        return min(DEFAULT_MAX_IMAGES, args.queue_size)
+    if not 1 <= args.max_images_per_request <= args.queue_size:
+        raise UsageError(
+            f"--max-images-per-request must be from 1 to --queue-size ({args.queue_size}); "
+            f"got {args.max_images_per_request}."
+        )
+    return args.max_images_per_request
 
 
 def _listen(args):
@@ -264,10 +289,18 @@ def run(args) -> int:
                         "max_connections": args.max_connections,
                         "request_timeout_s": args.request_timeout,
                         "queue_size": args.queue_size,
+                        "max_images_per_request": max_images_from_args(args),
                     },
                 }
 
-            settings = FrontSettings(args.max_body_bytes, args.body_timeout, args.request_timeout, token)
+            settings = FrontSettings(
+                args.max_body_bytes,
+                args.body_timeout,
+                args.request_timeout,
+                token,
+                model=_model_name(args.model),
+                max_images_per_request=max_images_from_args(args),
+            )
             http.start(build_app(pool.coordinator, metrics, admit, info, settings))  # /health: "loading"
         session = session_from_args(args, ctx, bound_parallel=True)
         try:
