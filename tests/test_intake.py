@@ -25,7 +25,7 @@ def _intake(check=lambda r: r, warn=None) -> Intake:
         ({"prompt": "a", "guidance_scale": 10**400}, "guidance_scale", "must be finite"),
         ({"prompt": "a", "seed": -1}, "seed", r"0 \.\. 2\*\*64-1"),
         ({"prompt": "a", "steps": 21}, "steps", "--max-steps"),
-        ({"prompt": "a", "height": 64, "width": 64}, None, "--max-pixels"),
+        ({"prompt": "a", "height": 64, "width": 64}, "height", "--max-pixels"),  # names both sides
         ({"prompt": "a", "key_steps": "0,-3"}, "key_steps", "non-negative"),
         ({"prompt": "a", "key_steps": [0] * 11}, "key_steps", "11 entries for 10 steps"),
         ({"prompt": "a", "key_steps": "/etc/passwd"}, "key_steps", "cannot name a file"),

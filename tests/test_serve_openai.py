@@ -48,6 +48,7 @@ def service(request, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp(f"openai{world}")
     token = log_dir / "token"
     token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     args = ["--steps", "6", "--height", "32", "--width", "32", "--timeout", "20", "--ranks-per-image", "1"]
     args += ["--token-file", str(token), "--queue-size", str(QUEUE), "--max-images-per-request", str(QUEUE)]
     every = range(world)
