@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Mutation testing of distfd's core modules with mutmut (not in CI: hours on 2 cores).
+#
+#   bash benchmarks/mutation.sh                      # every module of the core, with its tests
+#   bash benchmarks/mutation.sh distfd/keysteps.py   # the modules named
+#
+# mutmut (PyPI) because it needs no configuration of the project itself: it copies the sources into
+# mutants/ of a scratch folder, switches mutants on one at a time through trampolines, and runs only
+# the tests that reach each function (its coverage map), which keeps a run of one module to minutes
+# where a per-mutant full reload would take hours. Each module is mutated in its own scratch copy of
+# HEAD (git archive), so the working tree is never touched. Writes, per module,
+# benchmarks/results/mutation/<module>.txt: every mutant that was not killed (survived, timed out,
+# or reached by no test), and the counts. Run it again whenever a module of the core changes, and
+# commit the reports before and after the tests that kill what survived.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=$ROOT/benchmarks/results/mutation
+CHILDREN=${MUTMUT_CHILDREN:-2}
+python -c "import mutmut" 2>/dev/null || python -m pip install -q "mutmut==3.8.1"
+
+# module -> the test files that cover it
+declare -A TESTS=(
+  [distfd/keysteps.py]="tests/test_keysteps.py tests/test_intake.py"
+  [distfd/intake.py]="tests/test_intake.py tests/test_fuzz_requests.py"
+  [distfd/limits.py]="tests/test_intake.py"
+  [distfd/request.py]="tests/test_intake.py tests/test_cli.py"
+  [distfd/engine.py]="tests/test_core.py tests/test_models_dit.py"
+  [distfd/hooks.py]="tests/test_core.py tests/test_layers.py"
+  [distfd/passes.py]="tests/test_core.py tests/test_compile.py"
+  [distfd/session.py]="tests/test_session_bounds.py tests/test_cli.py"
+  [distfd/pool/coordinator.py]="tests/test_serve_mechanics.py"
+  [distfd/cli/batch.py]="tests/test_cli_batch.py tests/test_batch_output.py"
+)
+modules=("$@")
+[[ ${#modules[@]} -gt 0 ]] || modules=("${!TESTS[@]}")
+mkdir -p "$OUT"
+for module in "${modules[@]}"; do
+  tests=${TESTS[$module]:-}
+  [[ -n $tests ]] || { echo "no tests listed for $module; add it to TESTS" >&2; exit 2; }
+  work=$(mktemp -d)
+  git archive HEAD | tar -x -C "$work"
+  {
+    echo "[mutmut]"
+    echo "source_paths=distfd/"
+    echo "only_mutate=$module"
+    echo "pytest_add_cli_args_test_selection=${tests// /,}"
+    echo "also_copy=tests/"
+  } > "$work/setup.cfg"
+  name=$(echo "$module" | tr '/' '-')
+  echo "== $module ($tests)"
+  (cd "$work" && PYTHONPATH=$work mutmut run --max-children "$CHILDREN" > "$work/run.log" 2>&1 || true)
+  {
+    echo "# mutmut 3.8.1 on $module with: $tests  (HEAD $(git rev-parse --short HEAD), $(date -u +%F))"
+    (cd "$work" && PYTHONPATH=$work mutmut export-cicd-stats >/dev/null 2>&1 && cat mutants/mutmut-cicd-stats.json) || true
+    echo
+    (cd "$work" && PYTHONPATH=$work mutmut results)
+  } > "$OUT/$name.txt"
+  echo "wrote $OUT/$name.txt"
+  rm -rf "$work"
+done
