@@ -27,7 +27,11 @@ def t5_tokenizer(max_len: int = 16) -> T5TokenizerFast:
     tok = Tokenizer(models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     return T5TokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_len,
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_len,
         extra_ids=0,
     )
 
@@ -51,9 +55,10 @@ def vae(latent_channels: int = 4) -> AutoencoderKL:
     ).eval()
 
 
-def flux(seed: int = 0, double: int = 2, single: int = 2) -> FluxPipeline:
-    """FLUX.1-dev's layout in miniature: guidance embedding, rotary positions, double and single blocks;
+def flux(sched: str = "flow-euler", seed: int = 0, double: int = 2, single: int = 2) -> FluxPipeline:
+    """``sched``: only "flow-euler" (the rank workers name one). FLUX.1-dev's layout in miniature: guidance embedding, rotary positions, double and single blocks;
     2x2-packed 4-channel latents (16 channels in), dynamic shift."""
+    assert sched == "flow-euler", sched
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -68,7 +73,11 @@ def flux(seed: int = 0, double: int = 2, single: int = 2) -> FluxPipeline:
         axes_dims_rope=(2, 2, 4),
     )
     sched = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=16,
         max_image_seq_len=256,
     )
     pipe = FluxPipeline(
@@ -84,8 +93,9 @@ def flux(seed: int = 0, double: int = 2, single: int = 2) -> FluxPipeline:
     return pipe
 
 
-def sd3(seed: int = 0, layers: int = 4) -> StableDiffusion3Pipeline:
-    """SD3's layout in miniature: patch 2, joint blocks (the last one context-pre-only), CFG, shift 3."""
+def sd3(sched: str = "flow-euler", seed: int = 0, layers: int = 4) -> StableDiffusion3Pipeline:
+    """``sched`` as for :func:`flux`. SD3's layout in miniature: patch 2, joint blocks (the last one context-pre-only), CFG, shift 3."""
+    assert sched == "flow-euler", sched
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=16,

@@ -70,7 +70,8 @@ class MMDiTAdapter(Adapter):
                 f"blocks: use 1..{len(named) - 1} (the decoder needs at least one block)."
             )
         _refuse(
-            getattr(model, "encoder_hid_proj", None) is not None or getattr(model, "image_proj", None) is not None,
+            getattr(model, "encoder_hid_proj", None) is not None
+            or getattr(model, "image_proj", None) is not None,
             f"{type(model).__name__} with an IP-Adapter",
             "its forward pops the image embeddings from joint_attention_kwargs in the first call of a "
             "step, so a decoder pass would run without them; unload it (pipe.unload_ip_adapter())",
@@ -97,7 +98,10 @@ class MMDiTAdapter(Adapter):
             "leave skip_guidance_layers None",
         )
         _refuse(
-            any(call.get(k) is not None for k in ("controlnet_block_samples", "block_controlnet_hidden_states")),
+            any(
+                call.get(k) is not None
+                for k in ("controlnet_block_samples", "block_controlnet_hidden_states")
+            ),
             "An MMDiT ControlNet",
             "its residuals are added inside the encoder blocks, which do not run at non-key steps",
         )
