@@ -11,13 +11,18 @@ from diffusers import (
     FluxImg2ImgPipeline,
     FluxKontextPipeline,
 )
+from PIL import Image
 from torch.testing import assert_close
 
 import distfd
+from distfd import samplers
+from distfd.cli import main
+from distfd.request import ModelFacts
+from distfd.session import Session
 
 from .equivalence import apply_run, check_equivalences
 from .multirank import launch, load
-from .tiny_mmdit import flux, run_flux, run_sd3, sd3
+from .tiny_mmdit import flux, run_flux, run_sd3, sd3, vae
 
 STEPS, KEYS = 6, [0, 1, 3]
 FLUX_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
@@ -180,3 +185,53 @@ def test_n_ranks_equal_one_process(world_size, tmp_path):
             assert_close(got["latents"], ref, rtol=1e-4, atol=1e-5, msg=f"case {n} rank {rank}")
         assert ranks[0]["stats"]["collectives"] > 0
         assert all(got["stats"]["decoder_rows"] > 0 for got in ranks)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny FLUX and SD3 folders as diffusers saves them (CLIP and T5 encoders, tokenizers), with a
+    VAE of the real models' factor 8: sizes must be multiples of 16 (VAE factor x patch 2)."""
+    root = tmp_path_factory.mktemp("mmdit")
+    paths = {}
+    for name, build in (("flux", flux), ("sd3", sd3)):
+        pipe = build()
+        type(pipe)(**{**pipe.components, "vae": vae(levels=4)}).save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_folder_facts_and_refusals_before_loading(folders, name, monkeypatch, capsys):
+    facts = ModelFacts.from_folder(folders[name])
+    assert (facts.vae_scale_factor, facts.patch_size, facts.size_multiple) == (8, 2, 16)
+    assert samplers.resolve(None, facts.scheduler_config) == "flow-euler"
+
+    def refuse(self, *a, **k):
+        raise AssertionError("the pipeline was loaded although the arguments were refused")
+
+    monkeypatch.setattr(Session, "_load", refuse)
+    base = ["generate", "--model", str(folders[name]), "--steps", "6", "--width", "32"]
+    assert main([*base, "--height", "40"]) == 2
+    assert "height 40 is not a multiple of 16 (this model's VAE factor 8 x patch 2" in capsys.readouterr().err
+    assert main([*base, "--height", "32", "--scheduler", "ddim"]) == 2
+    assert "cannot sample a flow-matching model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_folder_generates_through_the_cli(folders, name, tmp_path, capsys):
+    out = tmp_path / f"{name}.png"
+    argv = [
+        "generate",
+        "--model",
+        str(folders[name]),
+        "--steps",
+        "6",
+        "--key-steps",
+        "0,2",
+        "--timeout",
+        "60",
+    ]
+    assert main([*argv, "--height", "32", "--width", "48", "--out", str(out)]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "6 steps flow-euler" in text and "encoder passes 2" in text
+    assert Image.open(out).size == (48, 32)

@@ -41,15 +41,16 @@ def t5_encoder() -> T5EncoderModel:
     return T5EncoderModel(cfg).eval()
 
 
-def vae(latent_channels: int = 4) -> AutoencoderKL:
+def vae(latent_channels: int = 4, levels: int = 2) -> AutoencoderKL:
+    """``levels``: 2 gives a VAE factor of 2 (tiny images), 4 the real models' factor of 8."""
     return AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=(8, 16, 16, 16)[:levels],
         in_channels=3,
         out_channels=3,
         latent_channels=latent_channels,
         norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         shift_factor=0.06,
         scaling_factor=0.6,
     ).eval()

@@ -152,15 +152,16 @@ def folder_check(args, facts):
     from ..session import default_key_steps
 
     length = None
+    scheduler = samplers.resolve(args.scheduler, facts.scheduler_config)
     if facts.scheduler_config is not None:
 
         def length(steps: int) -> int:
-            return samplers.loop_length(args.scheduler, facts.scheduler_config, steps)
+            return samplers.loop_length(scheduler, facts.scheduler_config, steps)
 
     def check(request):
         spec = request.key_steps
         if spec is None and request.mode != "off":
-            spec = default_key_steps(args.model, args.scheduler, request.steps)[0]
+            spec = default_key_steps(args.model, scheduler, request.steps)[0]
         return check_for_model(request, facts, loop_length=length, key_steps=spec)
 
     return check
@@ -274,7 +275,7 @@ def run(args) -> int:
 def _header(session, req, args) -> str:
     ctx = session.ctx
     return (
-        f"wrote {args.out}  ({req.width}x{req.height}, {req.steps} steps {args.scheduler}, "
+        f"wrote {args.out}  ({req.width}x{req.height}, {req.steps} steps {session.scheduler}, "
         f"{ctx.world_size} rank(s) on {ctx.device})"
     )
 
