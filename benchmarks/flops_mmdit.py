@@ -206,8 +206,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for label, u in report["unet_reference"].items():
         ax.axhline(u["single_gpu_flop_speedup"], color="grey", lw=0.8, ls=":")
         ax.annotate(f"{label} 1 GPU (FLOPs)", (1, u["single_gpu_flop_speedup"]), fontsize=7, color="grey")
-    ax.set(xscale="log", xlabel="GPUs (W)", ylabel="speed-up vs vanilla (FLOP model)", xticks=list(WORLDS))
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="GPUs (W)", ylabel="speed-up vs vanilla (FLOP model)", xticks=list(WORLDS))
     ax.set_xticklabels([str(w) for w in WORLDS])
+    ax.minorticks_off()
     ax.set_title("FasterDiffusion on MMDiT, 1024x1024, 28 steps (projection)")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -28,3 +28,24 @@ def test_projection_report_shape(tmp_path):
     )
     report = (tmp_path / "r.md").read_text()
     assert "sd35-medium" in report and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_flux_check_runs_tiny_on_cpu(tmp_path):
+    """The FLUX section of gpu_check.sh, tiny on CPU: every method runs and distfd skips encoder passes."""
+    import json
+
+    from benchmarks import flux_check
+
+    out = tmp_path / "flux.json"
+    assert (
+        flux_check.main(
+            ["--size", "tiny", "--device", "cpu", "--steps", "12", "--reps", "1", "--out", str(out)]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    methods = report["methods"]
+    assert set(methods) == {"vanilla", "distfd-propagate", "distfd-parallel", "first-block-cache"}
+    keys = len(report["key_steps"])
+    assert keys < 12 and methods["distfd-parallel"]["encoder_passes_per_image"] == keys
+    assert 0 < methods["distfd-parallel"]["rel_l2_vs_vanilla"] < 0.5
