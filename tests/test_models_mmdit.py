@@ -235,3 +235,33 @@ def test_folder_generates_through_the_cli(folders, name, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "6 steps flow-euler" in text and "encoder passes 2" in text
     assert Image.open(out).size == (48, 32)
+
+
+def test_flux_batch_keeps_position_ids_whole():
+    """Two prompts with a text length of 2: FLUX's ``txt_ids`` (2, 3) has as many rows as the batch,
+    yet has no batch dimension; parallel batches must not re-index it (nor ``img_ids``)."""
+
+    def call(p):
+        return run_flux(p, prompt=["a red cube", "a blue ball"], text_len=2)
+
+    out = check_equivalences(flux(), call, STEPS, KEYS)
+    assert out["parallel"].shape[0] == 2
+    assert not torch.allclose(out["parallel"][0], out["parallel"][1], atol=1e-3)
+
+
+def test_lora_on_the_transformer_and_its_scale():
+    """A PEFT LoRA on the attention projections, scaled through joint_attention_kwargs, goes through
+    every pass (all key steps reproduce vanilla with the scale; the scale changes the result)."""
+    from peft import LoraConfig
+
+    pipe = sd3()
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    )
+
+    def call(scale):
+        return lambda p: run_sd3(p, joint_attention_kwargs={"scale": scale})
+
+    half = check_equivalences(pipe, call(0.5), STEPS, KEYS)
+    full, _ = apply_run(pipe, call(1.0), key_steps=KEYS, mode="parallel")
+    assert not torch.allclose(full, half["parallel"], atol=1e-4)

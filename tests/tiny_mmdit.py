@@ -125,14 +125,16 @@ def sd3(sched: str = "flow-euler", seed: int = 0, layers: int = 4) -> StableDiff
     return pipe
 
 
-def run_flux(pipe, steps: int = 6, seed: int = 0, prompt="a red cube", size: int = 32, **kw) -> torch.Tensor:
+def run_flux(
+    pipe, steps: int = 6, seed: int = 0, prompt="a red cube", size: int = 32, text_len: int = 8, **kw
+) -> torch.Tensor:
     out = pipe(
         prompt=prompt,
         num_inference_steps=steps,
         guidance_scale=3.5,
         height=size,
         width=size,
-        max_sequence_length=8,
+        max_sequence_length=text_len,
         generator=torch.Generator().manual_seed(seed),
         output_type="latent",
         **kw,
