@@ -3,6 +3,8 @@ positions) and SD3 (joint blocks, CFG), on tiny seeded pipelines."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import (
@@ -265,3 +267,37 @@ def test_lora_on_the_transformer_and_its_scale():
     half = check_equivalences(pipe, call(0.5), STEPS, KEYS)
     full, _ = apply_run(pipe, call(1.0), key_steps=KEYS, mode="parallel")
     assert not torch.allclose(full, half["parallel"], atol=1e-4)
+
+
+@pytest.mark.timeout(420)
+def test_flux_batch_job_on_two_ranks_and_in_groups(folders, tmp_path):
+    """A prompts file on the FLUX folder: 2 ranks sharing each image, and 2 groups of one rank, give
+    the one-process images."""
+    from .cli_helpers import assert_same_image, spawn_ranks
+    from .multirank import free_port
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a red circle\n{"prompt": "a blue square", "seed": 5}\n')
+    argv = [
+        "generate",
+        "--model",
+        str(folders["flux"]),
+        "--steps",
+        "6",
+        "--key-steps",
+        "0,2",
+        "--timeout",
+        "90",
+    ]
+    argv += ["--height", "32", "--width", "32", "--prompts-file", str(prompts)]
+    assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 0
+    one = [json.loads(line) for line in (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()]
+    assert len(one) == 2 and one[0]["settings"]["scheduler"] == "flow-euler"
+    for name, extra in (("shared", []), ("groups", ["--ranks-per-image", "1"])):
+        exits = spawn_ranks([[*argv, *extra, "--out-dir", str(tmp_path / name)]] * 2, free_port(), wait_s=300)
+        assert [e.returncode for e in exits] == [0, 0], exits[0].output[-3000:]
+        made = [json.loads(line) for line in (tmp_path / name / "manifest.jsonl").read_text().splitlines()]
+        assert sorted(e["file"] for e in made) == sorted(e["file"] for e in one)
+        assert all(len(e["ranks"]) == (2 if name == "shared" else 1) for e in made), made
+        for e in one:
+            assert_same_image(tmp_path / name / e["file"], tmp_path / "one" / e["file"])
