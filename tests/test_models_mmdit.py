@@ -301,3 +301,42 @@ def test_flux_batch_job_on_two_ranks_and_in_groups(folders, tmp_path):
         assert all(len(e["ranks"]) == (2 if name == "shared" else 1) for e in made), made
         for e in one:
             assert_same_image(tmp_path / name / e["file"], tmp_path / "one" / e["file"])
+
+
+@pytest.mark.timeout(420)
+def test_sd3_service_on_two_ranks_gives_the_generate_image(folders, tmp_path):
+    """``distfd serve --model PATH`` on an SD3 folder, 2 gloo ranks: the one-process CLI image."""
+    import io
+    import signal
+
+    import numpy as np
+
+    pytest.importorskip("starlette")
+    from .cli_helpers import pixels
+    from .servers import Service, call
+
+    args = [
+        "--model",
+        str(folders["sd3"]),
+        "--steps",
+        "6",
+        "--key-steps",
+        "0,2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
+    ref = tmp_path / "ref.png"
+    assert main(["generate", *args, "--prompt", "a red cube", "--seed", "3", "--out", str(ref)]) == 0
+    s = Service([*args, "--timeout", "60"], tmp_path / "serve")
+    try:
+        s.wait_ready()
+        status, _, png = call(s.url, "/generate", {"prompt": "a red cube", "seed": 3})
+        assert status == 200, png[:500]
+    finally:
+        s.signal(signal.SIGTERM)
+        codes, _ = s.wait(60)
+    assert codes == [0, 0], s.results()
+    got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    assert np.abs(got - pixels(ref).astype(int)).max() <= 2
