@@ -293,6 +293,10 @@ def test_flux_batch_job_on_two_ranks_and_in_groups(folders, tmp_path):
     assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 0
     one = [json.loads(line) for line in (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()]
     assert len(one) == 2 and one[0]["settings"]["scheduler"] == "flow-euler"
+    # A rerun finds both images made, before loading: the settings it digests name flow-euler too.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Session, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 0
     for name, extra in (("shared", []), ("groups", ["--ranks-per-image", "1"])):
         exits = spawn_ranks([[*argv, *extra, "--out-dir", str(tmp_path / name)]] * 2, free_port(), wait_s=300)
         assert [e.returncode for e in exits] == [0, 0], exits[0].output[-3000:]

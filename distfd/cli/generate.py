@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .. import compiling
+from .. import compiling, samplers
 from . import checks
 from .options import (
     HelpFormatter,
@@ -138,7 +138,11 @@ def _up_front(args) -> tuple[Any, Path | None]:
     if folder is None:  # a hub id: the model's checks run once it is loaded
         return request, None
     try:
-        request = folder_check(args, ModelFacts.from_folder(folder))(request)
+        facts = ModelFacts.from_folder(folder)
+        # No --scheduler: the model's default (flow-euler for FLUX/SD3), fixed before the settings
+        # that name it are digested (batch image names) or compared across ranks.
+        args.scheduler = samplers.resolve(args.scheduler, facts.scheduler_config)
+        request = folder_check(args, facts)(request)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
     return request, folder
