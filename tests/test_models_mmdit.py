@@ -38,6 +38,23 @@ def test_sd3_equivalences():
     check_equivalences(sd3(), run_sd3, STEPS, KEYS)
 
 
+def test_registry_and_sd3_split():
+    listed = distfd.supported()
+    assert listed["FluxTransformer2DModel"] == ["FluxPipeline"]
+    assert listed["SD3Transformer2DModel"] == ["StableDiffusion3Pipeline"]
+    pipe = sd3()
+    with distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=KEYS)) as handle:
+        names = [(m.name, m.keep, m.part) for m in handle.engine.modules]
+    assert names == [  # default: 3 of 4 joint blocks; the last one (context-pre-only) decodes
+        ("pos_embed", False, 1),
+        ("context_embedder", False, 0),
+        ("transformer_blocks.0", False, None),
+        ("transformer_blocks.1", False, None),
+        ("transformer_blocks.2", True, None),
+    ]
+    assert "_diffusers_hook" not in vars(pipe.transformer.pos_embed)  # removed on leaving the block
+
+
 def test_flux_encoder_split_and_counts():
     """Default N scales the paper's 18/28 to 4 blocks (3): both double blocks and the first single
     block; with a key-step subset the encoder runs only at key steps, the decoder at every step."""
