@@ -38,9 +38,22 @@ def test_sd3_equivalences():
     check_equivalences(sd3(), run_sd3, STEPS, KEYS)
 
 
+def test_flux_img2img_starts_part_way():
+    """strength 0.7 of 8 steps: a 6-step loop starting part-way; key step k is the k-th step that runs."""
+    base = flux()
+    pipe = FluxImg2ImgPipeline(**{k: v for k, v in base.components.items() if k in FLUX_PARTS})
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def call(p):
+        return run_flux(p, image=image, strength=0.7, steps=8)
+
+    check_equivalences(pipe, call, 6, KEYS)
+
+
 def test_registry_and_sd3_split():
     listed = distfd.supported()
-    assert listed["FluxTransformer2DModel"] == ["FluxPipeline"]
+    assert listed["FluxTransformer2DModel"] == ["FluxPipeline", "FluxImg2ImgPipeline"]
     assert listed["SD3Transformer2DModel"] == ["StableDiffusion3Pipeline"]
     pipe = sd3()
     with distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=KEYS)) as handle:
@@ -160,7 +173,7 @@ def test_refusals_by_name():
     with distfd.apply(fpipe, distfd.FasterDiffusionConfig(key_steps=KEYS)):
         with pytest.raises(RuntimeError, match="true CFG"):
             run_flux(fpipe, negative_prompt="blurry", true_cfg_scale=2.0)
-    for cls in (FluxImg2ImgPipeline, FluxFillPipeline, FluxKontextPipeline):
+    for cls in (FluxFillPipeline, FluxKontextPipeline):
         other = cls(**{k: v for k, v in fpipe.components.items() if k in FLUX_PARTS})
         with pytest.raises(ValueError, match=f"{cls.__name__} is not supported"):
             distfd.apply(other)

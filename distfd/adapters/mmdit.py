@@ -117,7 +117,7 @@ class MMDiTAdapter(Adapter):
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
 
-FLUX_PIPELINES = ("FluxPipeline",)
+FLUX_PIPELINES = ("FluxPipeline", "FluxImg2ImgPipeline")
 SD3_PIPELINES = ("StableDiffusion3Pipeline",)
 TRUE_CFG_HINT = (
     "; FluxPipeline calls it twice per step when true_cfg_scale > 1 with a negative prompt (true CFG), "
