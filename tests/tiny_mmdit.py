@@ -57,8 +57,9 @@ def vae(latent_channels: int = 4, levels: int = 2) -> AutoencoderKL:
 
 
 def flux(sched: str = "flow-euler", seed: int = 0, double: int = 2, single: int = 2) -> FluxPipeline:
-    """``sched``: only "flow-euler" (the rank workers name one). FLUX.1-dev's layout in miniature: guidance embedding, rotary positions, double and single blocks;
-    2x2-packed 4-channel latents (16 channels in), dynamic shift."""
+    """FLUX.1-dev's layout in miniature: guidance embedding, rotary positions, double and single
+    blocks; 2x2-packed 4-channel latents (16 channels in), dynamic shift. ``sched``: only
+    "flow-euler" (the rank workers name one)."""
     assert sched == "flow-euler", sched
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
@@ -95,7 +96,8 @@ def flux(sched: str = "flow-euler", seed: int = 0, double: int = 2, single: int 
 
 
 def sd3(sched: str = "flow-euler", seed: int = 0, layers: int = 4) -> StableDiffusion3Pipeline:
-    """``sched`` as for :func:`flux`. SD3's layout in miniature: patch 2, joint blocks (the last one context-pre-only), CFG, shift 3."""
+    """SD3's layout in miniature: patch 2, joint blocks (the last one context-pre-only), CFG, shift 3.
+    ``sched`` as for :func:`flux`."""
     assert sched == "flow-euler", sched
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
