@@ -273,8 +273,9 @@ class Engine:
         self.end_run()
         sample, t = call[self.adapter.sample_arg], call[self.adapter.timestep_arg]
         sched_t = scheduler.timesteps
+        sched_host = [float(x) for x in sched_t.tolist()]  # one sync per run
         all_t = self.adapter.call_timesteps(sched_t, sample)  # as the pipeline passes them (FLUX: t/1000)
-        t_host = [float(x) for x in all_t.tolist()]  # one sync per run
+        t_host = sched_host if all_t is sched_t else [float(x) for x in all_t.tolist()]
         t0 = float(torch.as_tensor(t).reshape(-1)[0])
         if t0 not in t_host:
             raise RuntimeError(
@@ -286,7 +287,7 @@ class Engine:
         num_steps = getattr(scheduler, "num_inference_steps", None) or len(t_host)
         key_steps = self.config.key_steps.resolve(num_steps, len(t_host), self.config.rescale_key_steps)
         self.runs += 1
-        self.run = Run(self.runs, timesteps, t_host, key_steps, self._inject(scheduler, sched_t, offset))
+        self.run = Run(self.runs, timesteps, t_host, key_steps, self._inject(scheduler, sched_host[offset:]))
         self.ctx.stats.reset()
         if self.ctx.world_size > 1:
             cond = self.adapter.condition_tensor(call)
@@ -294,7 +295,7 @@ class Engine:
         self._log_run(key_steps, len(t_host), sample.shape[0])
         return self.run
 
-    def _inject(self, scheduler: Any, sched_t: torch.Tensor, offset: int) -> tuple[bool, ...]:
+    def _inject(self, scheduler: Any, sched_host: list[float]) -> tuple[bool, ...]:
         """Which loop steps get prior noise injection: timestep below ``noise_below`` of the horizon.
 
         Flow matching (``FlowMatchEulerDiscreteScheduler``) sets ``timesteps = sigmas * horizon``, so
@@ -303,7 +304,7 @@ class Engine:
         (FLUX's resolution-dependent one too) moves which loop steps those are, not the definition.
         """
         limit = self.config.noise_below * scheduler.config.num_train_timesteps
-        return tuple(float(x) < limit for x in sched_t[offset:].tolist())
+        return tuple(x < limit for x in sched_host)
 
     def _log_run(self, key_steps: tuple[int, ...], length: int, batch: int) -> None:
         if not self.ctx.is_main:
