@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# distfd on one GPU, in at most 8 minutes: compiled and CUDA-graph passes, 2 ranks on one GPU, and
-# the SD-1.5 latency benchmark with compiled methods. Every result goes into ONE archive,
+# distfd on one GPU, in at most 8 minutes: compiled and CUDA-graph passes, 2 ranks on one GPU, FLUX.1's
+# architecture against vanilla and FirstBlockCache, and the SD-1.5 latency benchmark with compiled methods. Every result goes into ONE archive,
 # $OUT/gpu_check.tar.gz (plus a copy of its summary, $OUT/gpu_check_summary.txt), written even when a
 # section fails or runs out of time.
 #
@@ -75,7 +75,7 @@ else
 fi
 
 # GPU_CHECK_SECTIONS picks sections (e.g. "latency_sd15_static" for a rerun); all by default.
-SECTIONS=${GPU_CHECK_SECTIONS:-compile_check ranks latency_sd15 latency_sd15_static latency_sd15_more}
+SECTIONS=${GPU_CHECK_SECTIONS:-compile_check ranks flux latency_sd15 latency_sd15_static latency_sd15_more}
 wanted() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 # 0. Environment.
@@ -113,6 +113,12 @@ wanted ranks && section ranks 100 bash -c 'set -o pipefail
     "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/ranks_check.py \
       --device "$DEVICE" --backend gloo --steps "$STEPS" --key-steps "$KEYS" --out "$WORK/ranks-w2-gloo.pt" &&
     "$PY" benchmarks/ranks_check.py --compare "$WORK/ranks-w1.pt" "$WORK/ranks-w2-gloo.pt" | tee "$WORK/ranks.json"'
+
+# 3b. FLUX.1-dev's architecture (random weights, bf16, 1024x1024, 28 steps): vanilla, distfd propagate
+#    and parallel (default key steps and encoder N), diffusers' FirstBlockCache. About 90 s expected
+#    (a 12B-parameter model built in bf16, 24 GB; 3 calls per method); never measured yet.
+if [[ $DRY == 1 ]]; then FLUX_ARGS=(--size tiny --device cpu --steps 6 --reps 1); else FLUX_ARGS=(); fi
+wanted flux && section flux 180 "$PY" benchmarks/flux_check.py "${FLUX_ARGS[@]}" --out "$WORK/flux-check.json"
 
 # 4-6. SD-1.5 512 DDIM-50 (paper key steps) against torch.compile'd vanilla (default mode, what users
 #    compile). distfd compiled with CUDA graphs ("reduce-overhead") compiles one graph per pass shape by

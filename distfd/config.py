@@ -27,7 +27,8 @@ class FasterDiffusionConfig:
         noise_alpha: Prior noise injection strength (Sec. 3.3): before the scheduler update of every
             step whose timestep value is below ``noise_below * num_train_timesteps`` the latents get
             ``+ noise_alpha * z_T``. ``0`` disables it.
-        noise_below: Fraction of the training horizon under which noise injection applies.
+        noise_below: Fraction of the training horizon under which noise injection applies (the
+            scheduler's timesteps; for flow matching, where they are ``sigma * horizon``, sigma below it).
         rescale_key_steps: Allow a preset built for N steps to be rescaled to another step count
             (otherwise a mismatch is an error).
         max_parallel_steps: In parallel mode, decode at most this many steps per batch (caps the
@@ -35,8 +36,8 @@ class FasterDiffusionConfig:
         encoder: Where the encoder runs when several ranks share an image: ``"rank0"`` runs it on
             rank 0 and broadcasts its features; ``"replicated"`` runs it on every rank from rank 0's
             latents, so only latents and noise predictions cross the network.
-        encoder_blocks: For transformer denoisers (DiT, PixArt), how many leading transformer blocks
-            form the encoder; ``None`` scales the paper's 18 of DiT-XL/2's 28 to the model's depth.
+        encoder_blocks: For transformer denoisers (DiT, PixArt, FLUX, SD3), how many leading transformer
+            blocks form the encoder; ``None`` scales the paper's 18 of DiT-XL/2's 28 to the model's depth.
     """
 
     key_steps: KeySteps | str | Sequence[int] = "sd-ddim-50"

@@ -79,7 +79,7 @@ class Run:
     timesteps: torch.Tensor  # the loop's timesteps on the model's device, (L,)
     t_host: tuple[float, ...]  # the same on the host: step bookkeeping without device syncs
     key_steps: tuple[int, ...]
-    noise_limit: float  # noise injection below this timestep value
+    inject: tuple[bool, ...]  # per loop step: prior noise injection before its scheduler update
     step: int = 0  # next loop index the denoiser will be called for
     updates: int = 0  # scheduler updates done
     served: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> (B, ...) prediction
@@ -130,7 +130,10 @@ class Engine:
                 raise EncoderDone
             return out
         if phase is Phase.REPLAY:
-            cached = run.features[index] if self.modules[index].keep else run.features[-1]
+            mod = self.modules[index]
+            cached = run.features[index] if mod.keep else run.features[-1]
+            if not mod.keep and mod.part is not None:
+                cached = cached[mod.part]
             return pytree.tree_map_only(torch.Tensor, self._select_rows, cached)
         return original(*args, **kwargs)
 
@@ -169,7 +172,7 @@ class Engine:
             return sample
         if run.z_T is None:
             run.z_T = sample.clone()
-        if self.config.noise_alpha > 0 and run.t_host[run.updates] < run.noise_limit:
+        if self.config.noise_alpha > 0 and run.inject[run.updates]:
             sample = sample + self.config.noise_alpha * run.z_T
         return sample
 
@@ -216,6 +219,7 @@ class Engine:
     def denoiser_forward(self, original: Callable, args: tuple, kwargs: dict, scheduler: Any) -> Any:
         bound = self.signature.bind(*args, **kwargs)
         call = bound.arguments
+        self.adapter.check_call(call)
         t = call[self.adapter.timestep_arg]
         run = self.run
         if run is None or run.step >= run.length:
@@ -241,7 +245,7 @@ class Engine:
             raise RuntimeError(
                 f"distfd: the denoiser was called for loop step {i} after {run.updates} scheduler updates: "
                 "this pipeline calls the denoiser in a pattern distfd does not support (one call per "
-                "scheduler timestep)."
+                f"scheduler timestep){self.adapter.repeat_call_hint}."
             )
         got = host_timestep(t)
         if got is None:  # on a GPU: compared at the end of the run, without a sync per step
@@ -268,8 +272,10 @@ class Engine:
     def _start_run(self, call: dict, scheduler: Any) -> Run:
         self.end_run()
         sample, t = call[self.adapter.sample_arg], call[self.adapter.timestep_arg]
-        all_t = scheduler.timesteps
-        t_host = [float(x) for x in all_t.tolist()]  # one sync per run
+        sched_t = scheduler.timesteps
+        sched_host = [float(x) for x in sched_t.tolist()]  # one sync per run
+        all_t = self.adapter.call_timesteps(sched_t, sample)  # as the pipeline passes them (FLUX: t/1000)
+        t_host = sched_host if all_t is sched_t else [float(x) for x in all_t.tolist()]
         t0 = float(torch.as_tensor(t).reshape(-1)[0])
         if t0 not in t_host:
             raise RuntimeError(
@@ -281,14 +287,24 @@ class Engine:
         num_steps = getattr(scheduler, "num_inference_steps", None) or len(t_host)
         key_steps = self.config.key_steps.resolve(num_steps, len(t_host), self.config.rescale_key_steps)
         self.runs += 1
-        limit = self.config.noise_below * scheduler.config.num_train_timesteps
-        self.run = Run(self.runs, timesteps, t_host, key_steps, limit)
+        self.run = Run(self.runs, timesteps, t_host, key_steps, self._inject(scheduler, sched_host[offset:]))
         self.ctx.stats.reset()
         if self.ctx.world_size > 1:
             cond = self.adapter.condition_tensor(call)
             check_agreement(self.ctx, fingerprint(self.config, key_steps, t_host, sample, cond))
         self._log_run(key_steps, len(t_host), sample.shape[0])
         return self.run
+
+    def _inject(self, scheduler: Any, sched_host: list[float]) -> tuple[bool, ...]:
+        """Which loop steps get prior noise injection: timestep below ``noise_below`` of the horizon.
+
+        Flow matching (``FlowMatchEulerDiscreteScheduler``) sets ``timesteps = sigmas * horizon``, so
+        this is ``sigma < noise_below``: with ``x_t = (1 - sigma) x_0 + sigma * noise`` the second half
+        of the path, nearer the image than the noise, as "t < T/2" is for DDPM schedules. The shift
+        (FLUX's resolution-dependent one too) moves which loop steps those are, not the definition.
+        """
+        limit = self.config.noise_below * scheduler.config.num_train_timesteps
+        return tuple(x < limit for x in sched_host)
 
     def _log_run(self, key_steps: tuple[int, ...], length: int, batch: int) -> None:
         if not self.ctx.is_main:
@@ -444,7 +460,7 @@ class Engine:
         args = dict(bound.arguments)
         if not same:
             for name, value in args.items():
-                if name not in (self.adapter.sample_arg, self.adapter.timestep_arg):
+                if name not in (self.adapter.sample_arg, self.adapter.timestep_arg, *self.adapter.unbatched):
                     args[name] = pytree.tree_map_only(torch.Tensor, select, value)
         args[self.adapter.sample_arg] = sample if same else select(sample)
         args[self.adapter.timestep_arg] = t_rows

@@ -238,6 +238,8 @@ class ModelFacts:
         num_train_timesteps: The scheduler's training horizon (bounds ``steps``).
         scheduler_config: The scheduler's config (to count the sampling loop's steps), or None.
         call_params: The pipeline's ``__call__`` parameter names, or None if unknown.
+        patch_size: Latent cells per transformer token side (DiT, SD3: the config's ``patch_size``;
+            FLUX: 2, its 2x2 latent packing); 1 for a UNet.
     """
 
     pipeline_class: str
@@ -246,12 +248,13 @@ class ModelFacts:
     num_train_timesteps: int = 1000
     scheduler_config: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
     call_params: frozenset[str] | None = dataclasses.field(default=None, compare=False, repr=False)
+    patch_size: int = 1
 
     @property
     def size_multiple(self) -> int:
         """Height and width must be multiples of this: diffusers' SD pipelines check multiples of 8,
-        and the VAE needs whole latent cells."""
-        return math.lcm(8, self.vae_scale_factor)
+        the VAE needs whole latent cells and a transformer whole patches (FLUX, SD3: 16)."""
+        return math.lcm(8, self.vae_scale_factor * self.patch_size)
 
     def default_size(self) -> tuple[int, int] | None:
         if self.sample_size is None:
@@ -275,10 +278,11 @@ class ModelFacts:
         return cls(
             pipeline_class=str(index.get("_class_name", "?")),
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1) if vae else 8,
-            sample_size=_pair(denoiser.get("sample_size")) if denoiser else None,
+            sample_size=_pair(denoiser.get("sample_size") or _flux_size(index)) if denoiser else None,
             num_train_timesteps=int((sched or {}).get("num_train_timesteps", 1000)),
             scheduler_config=sched,
             call_params=_call_params(str(index.get("_class_name", ""))),
+            patch_size=_patch_size(denoiser),
         )
 
     @classmethod
@@ -289,11 +293,28 @@ class ModelFacts:
         return cls(
             pipeline_class=type(pipe).__name__,
             vae_scale_factor=int(getattr(pipe, "vae_scale_factor", 8) or 8),
-            sample_size=_pair(getattr(getattr(denoiser, "config", None), "sample_size", None)),
+            sample_size=_pair(
+                getattr(getattr(denoiser, "config", None), "sample_size", None)
+                or getattr(pipe, "default_sample_size", None)  # FLUX: 128 latent cells, not in the config
+            ),
             num_train_timesteps=int(getattr(getattr(sched, "config", None), "num_train_timesteps", 1000)),
             scheduler_config=dict(sched.config) if sched is not None else None,
             call_params=_signature_names(type(pipe)),
+            patch_size=_patch_size(getattr(denoiser, "config", None), type(denoiser).__name__),
         )
+
+
+def _flux_size(index: Mapping[str, Any]) -> int | None:
+    """FluxPipeline's ``default_sample_size`` (its transformer config has no sample size)."""
+    return 128 if str(index.get("_class_name", "")).startswith("Flux") else None
+
+
+def _patch_size(config: Mapping[str, Any] | None, class_name: str | None = None) -> int:
+    """Latent cells per token side of a transformer denoiser (1 for a UNet); FLUX packs 2x2 cells."""
+    if not config:
+        return 1
+    name = class_name or str(config.get("_class_name", ""))
+    return int(config.get("patch_size") or 1) * (2 if name.startswith("Flux") else 1)
 
 
 def _signature_names(cls: type) -> frozenset[str] | None:
@@ -374,8 +395,9 @@ def check_for_model(
         if v % m:
             lo, hi = v // m * m, (v // m + 1) * m
             raise ValueError(
-                f"{side} {v} is not a multiple of {m} (this model's VAE factor {facts.vae_scale_factor}, "
-                f"and the pipeline's check of 8); use {lo if lo >= m else hi} or {hi}."
+                f"{side} {v} is not a multiple of {m} (this model's VAE factor {facts.vae_scale_factor}"
+                f"{f' x patch {facts.patch_size}' if facts.patch_size > 1 else ''}, and the pipeline's check "
+                f"of 8); use {lo if lo >= m else hi} or {hi}."
             )
     spec = req.key_steps if key_steps is None else key_steps
     if callable(loop_length):

@@ -1,5 +1,9 @@
 """Schedulers by name, built from a pipeline's own scheduler config (used by the CLI and the harness).
 
+``flow-euler`` is the flow-matching Euler sampler of FLUX.1 and SD3 (``FlowMatchEulerDiscreteScheduler``,
+keeping the model's shift and FLUX's resolution-dependent dynamic shift); it is the default for a
+flow-matching model and the only name that can sample one (the others need a beta schedule).
+
 ``dpm`` means DPM-Solver++ multistep (Lu et al. 2022, arXiv 2211.01095) everywhere in distfd: the
 solver diffusers and the paper's SD experiments use with 20 steps. ``dpm++`` is the same scheduler.
 """
@@ -17,7 +21,25 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral"),
     "pndm": ("PNDMScheduler", {}, "PNDM (PLMS)"),
+    "flow-euler": (
+        "FlowMatchEulerDiscreteScheduler",
+        {},
+        "flow matching Euler (FLUX, SD3; the default for them)",
+    ),
 }
+FLOW = frozenset({"flow-euler"})
+
+
+def is_flow(config: Mapping[str, Any] | None) -> bool:
+    """Whether a scheduler config is flow matching (sigmas from 1 to 0, no betas)."""
+    if not config:
+        return False
+    return str(config.get("_class_name", "")).startswith("FlowMatch") or "base_image_seq_len" in config
+
+
+def resolve(name: str | None, config: Mapping[str, Any] | None) -> str:
+    """``name``, or where it is None the default for the model: flow-euler for flow matching, else ddim."""
+    return name if name is not None else ("flow-euler" if is_flow(config) else "ddim")
 
 
 def describe() -> str:
@@ -35,6 +57,12 @@ def build(name: str, config: Mapping[str, Any]) -> Any:
     import diffusers
 
     _check(name)
+    if is_flow(config) != (name in FLOW):
+        kind = (
+            "a flow-matching model (FLUX, SD3)" if is_flow(config) else "a model trained with a beta schedule"
+        )
+        fits = "flow-euler" if is_flow(config) else ", ".join(n for n in SCHEDULERS if n not in FLOW)
+        raise ValueError(f"the {name} scheduler cannot sample {kind}; use {fits}.")
     cls_name, extra, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(dict(config), **extra)
 
@@ -46,7 +74,9 @@ def set_scheduler(pipe: Any, name: str) -> None:
 
 def _timesteps(name: str, config: Mapping[str, Any], steps: int) -> int:
     sched = build(name, config)
-    sched.set_timesteps(steps)
+    # FLUX's dynamic shift takes mu from the image size; the count of steps does not depend on it.
+    kw = {"mu": 0.0} if sched.config.get("use_dynamic_shifting") and name in FLOW else {}
+    sched.set_timesteps(steps, **kw)
     return len(sched.timesteps)
 
 

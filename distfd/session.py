@@ -91,7 +91,8 @@ class Session:
     Args:
         ctx: The ranks that share each image (``DistContext.from_env()``; world size 1 is fine).
         model: A saved pipeline folder or hub id; None is the embedded model.
-        scheduler: A name from :data:`distfd.samplers.SCHEDULERS`.
+        scheduler: A name from :data:`distfd.samplers.SCHEDULERS`; None: flow-euler for a flow-matching
+            model (FLUX, SD3), else ddim.
         dtype: 'fp32', 'fp16' or 'bf16'; None is fp16 on GPU, fp32 on CPU.
         noise_alpha, encoder, max_parallel_steps: :class:`distfd.FasterDiffusionConfig` fields used
             for every request.
@@ -106,7 +107,7 @@ class Session:
         self,
         ctx: DistContext,
         model: str | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         dtype: str | None = None,
         *,
         noise_alpha: float = 0.003,
@@ -115,7 +116,7 @@ class Session:
         bound_parallel: bool = False,
         step_progress: bool = False,
     ) -> None:
-        if scheduler not in samplers.SCHEDULERS:
+        if scheduler is not None and scheduler not in samplers.SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; use one of {', '.join(samplers.SCHEDULERS)}.")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
@@ -149,6 +150,7 @@ class Session:
         )
         start = time.perf_counter()
         pipe = diffusers.DiffusionPipeline.from_pretrained(resolve_model(self.model), dtype=dtype)
+        self.scheduler = samplers.resolve(self.scheduler, pipe.scheduler.config)  # None: the model's kind
         samplers.set_scheduler(pipe, self.scheduler)
         pipe.set_progress_bar_config(disable=not (step_progress and self.ctx.is_main))
         pipe = pipe.to(self.ctx.device)

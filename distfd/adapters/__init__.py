@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from diffusers import (
     DiTTransformer2DModel,
+    FluxTransformer2DModel,
     PixArtTransformer2DModel,
+    SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet3DConditionModel,
 )
 
 from .base import Adapter, EncoderModule
 from .dit import DIT_PIPELINES, PIXART_PIPELINES, DiTAdapter
+from .mmdit import flux_adapter, sd3_adapter
 from .unet import UNET_PIPELINES, UNetAdapter
 from .unet3d import UNET3D_PIPELINES, UNet3DAdapter
 
@@ -20,6 +23,8 @@ REGISTRY: dict[type, Adapter] = {
     UNet3DConditionModel: UNet3DAdapter("unet3d", "unet", pipelines=UNET3D_PIPELINES),
     DiTTransformer2DModel: DiTAdapter("dit", pipelines=DIT_PIPELINES),
     PixArtTransformer2DModel: DiTAdapter("pixart", pipelines=PIXART_PIPELINES),
+    FluxTransformer2DModel: flux_adapter(),
+    SD3Transformer2DModel: sd3_adapter(),
 }
 
 # Pipelines whose denoiser is supported but whose sampling loop is not, and why.

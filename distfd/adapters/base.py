@@ -21,6 +21,10 @@ class EncoderModule:
     name: str
     module: nn.Module
     keep: bool = True
+    # A module that is not kept hands on the last module's cached output, or, where this is set, that
+    # output's item ``part`` (MMDiT: the image embedding stands in with the image stream's tensor, so
+    # the forward's code between the embeddings and the blocks sees a tensor of the right dtype).
+    part: int | None = None
 
 
 @dataclass
@@ -38,7 +42,7 @@ class Adapter:
         if getattr(config, "encoder_blocks", None) is not None:
             raise ValueError(
                 f"encoder_blocks is set but the {self.name} adapter has no transformer blocks to split; "
-                "it applies to DiT and PixArt only. Leave it None."
+                "it applies to DiT and PixArt only (and the MMDiTs: FLUX, SD3). Leave it None."
             )
         return self
 
@@ -48,6 +52,16 @@ class Adapter:
     def output_row_shape(self, model: nn.Module, sample: torch.Tensor) -> tuple[int, ...]:
         """Shape of one row of the denoiser's prediction for this input."""
         raise NotImplementedError
+
+    def call_timesteps(self, timesteps: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The scheduler's timesteps as the pipeline passes them to the denoiser (FLUX: ``t / 1000``)."""
+        return timesteps
+
+    def check_call(self, call: dict[str, Any]) -> None:
+        """Refuse, by name, a denoiser call this adapter cannot split (SD3 skip-layer guidance)."""
+
+    unbatched: tuple[str, ...] = ()  # call arguments without a batch dimension (FLUX's position ids)
+    repeat_call_hint: str = ""  # why a pipeline may call the denoiser twice per step (for the error)
 
     def get_sample(self, output: Any) -> torch.Tensor:
         return output[0] if isinstance(output, tuple) else output.sample

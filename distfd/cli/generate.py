@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .. import compiling
+from .. import compiling, samplers
 from . import checks
 from .options import (
     HelpFormatter,
@@ -138,7 +138,11 @@ def _up_front(args) -> tuple[Any, Path | None]:
     if folder is None:  # a hub id: the model's checks run once it is loaded
         return request, None
     try:
-        request = folder_check(args, ModelFacts.from_folder(folder))(request)
+        facts = ModelFacts.from_folder(folder)
+        # No --scheduler: the model's default (flow-euler for FLUX/SD3), fixed before the settings
+        # that name it are digested (batch image names) or compared across ranks.
+        args.scheduler = samplers.resolve(args.scheduler, facts.scheduler_config)
+        request = folder_check(args, facts)(request)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
     return request, folder
@@ -152,15 +156,16 @@ def folder_check(args, facts):
     from ..session import default_key_steps
 
     length = None
+    scheduler = samplers.resolve(args.scheduler, facts.scheduler_config)
     if facts.scheduler_config is not None:
 
         def length(steps: int) -> int:
-            return samplers.loop_length(args.scheduler, facts.scheduler_config, steps)
+            return samplers.loop_length(scheduler, facts.scheduler_config, steps)
 
     def check(request):
         spec = request.key_steps
         if spec is None and request.mode != "off":
-            spec = default_key_steps(args.model, args.scheduler, request.steps)[0]
+            spec = default_key_steps(args.model, scheduler, request.steps)[0]
         return check_for_model(request, facts, loop_length=length, key_steps=spec)
 
     return check
@@ -270,7 +275,7 @@ def run(args) -> int:
 def _header(session, req, args) -> str:
     ctx = session.ctx
     return (
-        f"wrote {args.out}  ({req.width}x{req.height}, {req.steps} steps {args.scheduler}, "
+        f"wrote {args.out}  ({req.width}x{req.height}, {req.steps} steps {session.scheduler}, "
         f"{ctx.world_size} rank(s) on {ctx.device})"
     )
 

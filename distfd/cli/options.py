@@ -111,7 +111,12 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model", default=None, help="diffusers pipeline folder or hub id; default: the embedded model"
     )
-    g.add_argument("--scheduler", choices=list(samplers.SCHEDULERS), default="ddim", help=samplers.describe())
+    g.add_argument(
+        "--scheduler",
+        choices=list(samplers.SCHEDULERS),
+        default=None,
+        help=f"{samplers.describe()}; default: flow-euler for flow-matching models (FLUX, SD3), else ddim",
+    )
     g.add_argument(
         "--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on GPU, fp32 on CPU"
     )
