@@ -8,6 +8,7 @@ test_serve_hostile.py.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import socket
@@ -25,17 +26,29 @@ pytest.importorskip("prometheus_client")
 from distfd.cli.output import png_bytes  # noqa: E402
 from distfd.pool import coordinator as coordinator_module  # noqa: E402
 from distfd.pool.coordinator import Coordinator, tick_seconds  # noqa: E402
+from distfd.pool.jobs import Cancelled  # noqa: E402
 from distfd.pool.layout import SizePolicy  # noqa: E402
 from distfd.pool.links import connect  # noqa: E402
 from distfd.pool.worker import Worker  # noqa: E402
+from distfd.request import ImageRequest  # noqa: E402
 from distfd.runtime import CANCELLED, DistContext, DistributedError, StoppedTogether  # noqa: E402
 from distfd.serve.app import FrontSettings, build_app  # noqa: E402
 from distfd.serve.metrics import Metrics  # noqa: E402
 from distfd.serve.server import HttpServer  # noqa: E402
+from distfd.session import PER_IMAGE_FIELDS, batch_key  # noqa: E402
 
 from .servers import call, read_answer  # noqa: E402
 
 WAIT_S = 20.0
+# A value other than the base request's for each field that changes a whole pipeline call.
+BATCH_VARIANTS = {
+    "steps": 5,
+    "guidance_scale": 3.0,
+    "height": 48,
+    "width": 48,
+    "key_steps": (0, 1),
+    "mode": "propagate",
+}
 TOKEN = "a-test-token-of-enough-length"
 
 
@@ -107,7 +120,12 @@ class Service:
     """Coordinator + HTTP server + the worker of world size 1, each in a thread."""
 
     def __init__(
-        self, queue_size: int = 2, grace_s: float | None = 30.0, max_batch: int = 1, **front
+        self,
+        queue_size: int = 2,
+        grace_s: float | None = 30.0,
+        max_batch: int = 1,
+        batch_key=lambda r: r.prompt,  # the stand-in's compatible requests: the same prompt
+        **front,
     ) -> None:
         self.session = FakeSession()
         self.stop_reason: str | None = None
@@ -120,7 +138,7 @@ class Service:
             stop=lambda: self.stop_reason,
             grace_s=grace_s,
             max_batch=max_batch,
-            batch_key=lambda r: r.prompt,  # the stand-in's compatible requests: the same prompt
+            batch_key=batch_key,
         )
         self.metrics = Metrics(self.coordinator.depth, lambda: self.coordinator.in_flight, 1)
         self.coordinator.hooks = self.metrics
@@ -251,6 +269,59 @@ def test_max_batch_runs_waiting_requests_with_the_same_key_in_one_call():
             assert headers["x-batch-size"] == sizes[seed]
         text = call(s.url, "/metrics")[2].decode()
         assert 'distfd_images_total{ranks="1"} 6.0' in text
+
+
+def test_requests_differing_in_any_image_changing_field_never_share_a_call():
+    """The real batch key: for each field of ImageRequest but the per-image ones, a request that
+    differs from the others only in it runs in a call of its own; the others (another prompt and
+    seed) share one."""
+    base = ImageRequest("a red circle", steps=4, height=32, width=32, key_steps=(0, 2), mode="parallel")
+    assert set(BATCH_VARIANTS) == {f.name for f in dataclasses.fields(ImageRequest)} - set(PER_IMAGE_FIELDS)
+    variants = [
+        dataclasses.replace(base, seed=10 + n, **{f: v}) for n, (f, v) in enumerate(BATCH_VARIANTS.items())
+    ]
+    # Negative prompts are per image, but the pipeline takes one for every image or none.
+    variants.append(dataclasses.replace(base, seed=10 + len(variants), negative_prompt="blur"))
+    mates = [
+        dataclasses.replace(base, seed=1, prompt="a blue square"),
+        dataclasses.replace(base, seed=2),
+    ]
+    with Service(queue_size=32, max_batch=32, batch_key=batch_key) as s:
+        busy = s.coordinator.submit(dataclasses.replace(base, seed=0))
+        assert s.session.started.wait(WAIT_S)  # the rest waits in the queue
+        jobs = s.coordinator.submit_many([mates[0], *variants, mates[1]])
+        s.session.release(2 + len(variants))
+        for job in [busy, *jobs]:
+            job.future.result(WAIT_S)
+    assert s.session.batches == [[0], [1, 2], *([10 + n] for n in range(len(variants)))]
+
+
+def test_cancelling_one_request_of_a_shared_call_stops_it_only_when_all_are_cancelled():
+    with Service(queue_size=8, max_batch=2) as s:
+        c = s.coordinator
+        first = c.submit(FakeRequest("a", 1))
+        assert s.session.started.wait(WAIT_S)
+        pair = c.submit_many([FakeRequest("a", 2), FakeRequest("a", 3)])
+        s.session.release()
+        first.future.result(WAIT_S)
+        wait_for(lambda: c.in_flight == 2)  # 2 and 3 run in one call
+        c.cancel(pair[0], "the client went away")
+        wait_for(lambda: not c._cancels)  # the coordinator has acted on it
+        # Nothing to wait for: the call must go on. A wrongly sent cancel would reach the session's
+        # next "step boundary" (every 20 ms) well within this.
+        time.sleep(0.3)
+        assert s.session.cancelled_runs == []
+        s.session.release()
+        assert pair[1].future.result(WAIT_S).png  # 3 has its image
+        assert s.session.batches[-1] == [2, 3]
+        both = c.submit_many([FakeRequest("a", 4), FakeRequest("a", 5)])
+        wait_for(lambda: c.in_flight == 2)
+        for job in both:
+            c.cancel(job, "the client went away")
+        for job in both:
+            with pytest.raises(Cancelled):
+                job.future.result(WAIT_S)
+        assert s.session.cancelled_runs == [4, 5]
 
 
 def test_stop_finishes_the_request_in_flight_and_answers_the_queued_with_503(service):
