@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 from distfd.cli import main  # noqa: E402
 
 from . import tiny  # noqa: E402
+from .cli_helpers import SLACK_S  # noqa: E402
 from .multirank import free_port  # noqa: E402
 from .servers import ROOT, Ranks, Service, call, wait_ready  # noqa: E402
 
@@ -128,16 +129,17 @@ def test_a_killed_rank_ends_the_service_with_503_and_no_hang(model_dir, tmp_path
                 waiting.append(pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}))
                 s.wait_health(lambda h, k=k: h["in_flight"] == 1 and h["queue"] == k)
             s.signal(signal.SIGKILL, [1])
-            answers = [f.result(TIMEOUT_S * 3) for f in waiting]
+            killed = time.monotonic()
+            answers = [f.result(TIMEOUT_S + SLACK_S) for f in waiting]
         # The one in flight may have finished before rank 1 died; the waiting ones cannot.
         assert answers[0][0] in (200, 503)
         for status, _, body in answers[1:]:
             assert status == 503 and "rank of the service was lost" in json.loads(body)["error"]
         status, _, body = call(s.url, "/generate", REQUEST)  # later: still an answer, not a hang
         assert status == 503 and "lost" in json.loads(body)["error"]
-        codes, took = s.wait(TIMEOUT_S + 10)
+        codes, _ = s.wait(TIMEOUT_S + SLACK_S)
         assert codes[0] == 1 and codes[1] == -signal.SIGKILL, s.results()
-        assert took < TIMEOUT_S + 10
+        assert time.monotonic() - killed < TIMEOUT_S + SLACK_S
     finally:
         s.kill()
 
@@ -147,9 +149,9 @@ def test_a_killed_rank_0_ends_the_other_ranks_with_an_error(model_dir, tmp_path)
     try:
         s.wait_ready()
         s.signal(signal.SIGKILL, [0])  # the HTTP server goes with it; rank 1 waits in a collective
-        codes, took = s.wait(TIMEOUT_S + 10)
+        codes, took = s.wait(TIMEOUT_S + SLACK_S)
         assert codes == [-signal.SIGKILL, 1], s.results()
-        assert took < TIMEOUT_S + 10
+        assert took < TIMEOUT_S + SLACK_S
         assert "lost a rank" in s.log(1)
     finally:
         s.kill()

@@ -351,7 +351,9 @@ def test_stop_cancels_an_image_that_overruns_the_grace_period():
             first = pool.submit(call, s.url, "/generate", {"seed": 1})
             assert s.session.started.wait(WAIT_S)
             s.stop_reason = "signal 15"
+            stopped = time.monotonic()
             status, _, body = first.result(WAIT_S)  # never released: stopped at a "step boundary"
+            assert time.monotonic() - stopped < 0.3 + 1.0  # the grace, then the next boundary (20 ms)
         assert status == 503 and "shutting down" in json.loads(body)["error"]
         assert s.session.cancelled_runs == [1]
         for t in s.threads:
@@ -389,8 +391,8 @@ def test_a_queued_request_whose_client_left_is_dropped_before_it_runs(service):
         wait_for(lambda: service.coordinator.depth() == 0)  # dropped once the server saw it go
         service.session.release()
         assert first.result(WAIT_S)[0] == 200
-    time.sleep(0.2)
-    assert service.session.runs == [1]  # seed 2 never ran
+    wait_for(lambda: service.coordinator.in_flight == 0)
+    assert service.session.runs == [1]  # seed 2 never ran (it left the queue: it cannot run later)
 
 
 def test_body_bounds_auth_and_a_slow_client():
@@ -410,6 +412,7 @@ def test_body_bounds_auth_and_a_slow_client():
         # A client that sends its headers, then a byte at a time: 408 after --body-timeout, and the
         # service answers others meanwhile.
         with socket.create_connection((s.http.host, s.http.port)) as sock:
+            start = time.monotonic()
             sock.sendall(
                 b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                 + TOKEN.encode()
@@ -422,7 +425,9 @@ def test_body_bounds_auth_and_a_slow_client():
                 time.sleep(0.1)
             sock.settimeout(WAIT_S)
             answer = read_answer(sock)
+            took = time.monotonic() - start
         assert max(times) < 0.1, times
+        assert 1.0 <= took < 1.0 + 1.0, took  # the whole body within --body-timeout, not per byte
         assert answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer
         s.session.release()
         assert call(url, "/generate", {"seed": 3}, headers=auth)[0] == 200
