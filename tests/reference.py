@@ -75,6 +75,7 @@ class Loop:
     z_T: torch.Tensor | None = None
     final: torch.Tensor | None = None
     injected: list[int] = field(default_factory=list)  # steps whose update got alpha * z_T
+    output: Any = None  # what the call returned
     computed: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -143,7 +144,7 @@ def reference(
     handles = [m.register_forward_hook(replay(name)) for name, m in modules.items()]
     try:
         with scheduler_spy(pipe.scheduler, loop, inject):
-            call(pipe)
+            loop.output = call(pipe)
     finally:
         for h in handles:
             h.remove()
