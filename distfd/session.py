@@ -17,11 +17,12 @@ Contract:
   ``ctx.timeout_s``.
 - ``session.run_many(reqs)`` makes several images in one pipeline call (a list of prompts, one
   generator per request), so each decoder batch holds more rows; the requests must share a
-  :func:`batch_key` (size, steps, guidance, mode, key steps). ``run(req)`` is ``run_many([req])``.
+  :func:`batch_key` (every field but the prompts and the seed). ``run(req)`` is ``run_many([req])``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -256,7 +257,7 @@ class Session:
         keys = {batch_key(r) for r in reqs}
         if len(keys) > 1:
             raise ValueError(
-                "requests in one call must share size, steps, guidance, mode and key steps; "
+                "requests in one call must share every field but prompt, negative prompt and seed; "
                 f"got {len(keys)} different combinations."
             )
         if len(reqs) == 1:
@@ -354,11 +355,26 @@ def settings_of(
     }
 
 
+# The fields of a request that may differ between the images of one pipeline call: each image brings
+# its own text and generator. Every other field changes the whole call (size, steps, guidance, mode,
+# key steps, and any field added later), so it is part of the batch key.
+PER_IMAGE_FIELDS = ("prompt", "negative_prompt", "seed")
+
+
 def batch_key(req: ImageRequest) -> tuple:
-    """Requests with equal keys can share one pipeline call (:meth:`Session.run_many`): the same
-    size, steps, guidance scale, mode and key steps, and a negative prompt on all or none."""
-    keys = tuple(req.key_steps) if isinstance(req.key_steps, list) else req.key_steps
-    return (req.height, req.width, req.steps, req.guidance_scale, req.mode, keys, req.negative_prompt is None)
+    """Requests with equal keys can share one pipeline call (:meth:`Session.run_many`): every field
+    of :class:`ImageRequest` but the per-image ones (:data:`PER_IMAGE_FIELDS`) equal, and a negative
+    prompt on all or none (the pipeline takes a list of them or none)."""
+    shared = tuple(
+        (f.name, _hashable(getattr(req, f.name)))
+        for f in dataclasses.fields(req)
+        if f.name not in PER_IMAGE_FIELDS
+    )
+    return (*shared, ("has_negative_prompt", req.negative_prompt is not None))
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def default_key_steps(model: str | None, scheduler: str, steps: int) -> tuple[str, bool]:

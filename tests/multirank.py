@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -16,10 +17,33 @@ import torch
 WORKER = Path(__file__).with_name("rank_worker.py")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port the ranks bind next, below the kernel's ephemeral range.
+
+    A port the kernel picked (bind to 0), then freed, goes back to the ephemeral pool: any outgoing
+    connection on the machine (another test's gloo ranks, say) may take it as its source port before
+    the ranks bind it. Ports below the range are never handed out that way; a random one, checked
+    free, collides only with another explicit bind.
+    """
+    low = _ephemeral_range()[0]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass
@@ -29,6 +53,7 @@ class RankResult:
     elapsed_s: float
     error: str
     log: str
+    ended_at: float  # wall clock (time.time()) when its exit was seen (polled every 50 ms)
 
 
 def launch(
@@ -63,13 +88,13 @@ def launch(
                 log,
             )
         )
-    ended: dict[int, tuple[int | None, float]] = {}
+    ended: dict[int, tuple[int | None, float, float]] = {}
     first_failure = None
     while len(ended) < world_size:
         now = time.monotonic() - start
         for rank, (proc, _) in enumerate(procs):
             if rank not in ended and proc.poll() is not None:
-                ended[rank] = (proc.returncode, now)
+                ended[rank] = (proc.returncode, now, time.time())
                 if proc.returncode != 0 and first_failure is None:
                     first_failure = now
         # Like torchrun: once a rank has failed, the others get a grace period, then are killed.
@@ -79,13 +104,13 @@ def launch(
                 if rank not in ended:
                     proc.kill()
                     proc.wait()
-                    ended[rank] = (None, now)
+                    ended[rank] = (None, now, time.time())
         time.sleep(0.05)
     results = []
     for rank, (_, log) in enumerate(procs):
         log.close()
         err = out_dir / f"rank{rank}.err"
-        code, elapsed = ended[rank]
+        code, elapsed, ended_at = ended[rank]
         results.append(
             RankResult(
                 rank,
@@ -93,6 +118,7 @@ def launch(
                 elapsed,
                 err.read_text() if err.exists() else "",
                 (out_dir / f"rank{rank}.log").read_text(),
+                ended_at,
             )
         )
     return results

@@ -23,11 +23,13 @@ import tiny  # noqa: E402
 import distfd  # noqa: E402
 
 
-def _failure_callback(fail: dict, rank: int):
-    """A step-end callback that makes this rank die or hang at a given step."""
+def _failure_callback(fail: dict, rank: int, out: Path):
+    """A step-end callback that makes this rank die or hang at a given step (its wall-clock time
+    written to ``lost_at`` first)."""
 
     def callback(pipe, step, timestep, kwargs):
         if rank == fail["rank"] and step == fail["at_step"]:
+            (out / "lost_at").write_text(repr(time.time()))
             if fail["how"] == "exit":
                 os._exit(17)
             time.sleep(3600)
@@ -56,7 +58,7 @@ def main(spec_path: str, out_dir: str) -> None:
             call = dict(case.get("call", {}))
             call.update(case.get("call_by_rank", {}).get(str(ctx.rank), {}))
             if "fail" in case:
-                call["callback_on_step_end"] = _failure_callback(case["fail"], ctx.rank)
+                call["callback_on_step_end"] = _failure_callback(case["fail"], ctx.rank, out)
             steps = case.get("steps_by_rank", {}).get(str(ctx.rank), case.get("steps", 10))
             latents = _find(case.get("run", "run"))(pipe, steps=steps, **call)
             torch.save({"latents": latents, "stats": handle.stats()}, out / f"case{n}_rank{ctx.rank}.pt")

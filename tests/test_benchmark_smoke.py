@@ -108,20 +108,24 @@ def test_sd15_tiny_end_to_end(tmp_path: Path):
         assert f"| {name} |" in md
 
 
-def test_unsupported_arch_is_skipped_not_crashed():
-    """DiT: distfd and DeepCache are skipped with a recorded reason (unless distfd grew DiT support)."""
+def test_dit_runs_distfd_and_skips_deepcache():
+    """DiT: DeepCache (UNet only) is skipped with a recorded reason; distfd runs, its encoder at the
+    key steps only."""
+    import distfd
     from benchmarks import methods as M
     from benchmarks.models import build
 
     bench = build("dit", "tiny", "ddim", "cpu", torch.float32)
     with pytest.raises(M.Skip, match="UNet"):
         M.setup("deepcache", bench, {"scheduler": "ddim", "deepcache_interval": 3, "deepcache_branch": 0})
+    inst = M.setup("distfd-parallel", bench, {"key_steps": "uniform-3", "noise_alpha": 0.003})
     try:
-        inst = M.setup("distfd-parallel", bench, {"key_steps": "uniform-3", "noise_alpha": 0.003})
-    except M.Skip as e:
-        assert "DiT" in str(e)
-    else:
+        bench.run("a prompt", 6, 0, output_type="pt")
+        stats = inst.stats()
+    finally:
         inst.remove()
+    keys = distfd.resolve_key_steps("uniform-3", 6)
+    assert 0 < len(keys) < 6 and stats["encoder_passes"] == len(keys) and stats["steps"] == 6
 
 
 def test_compiled_methods_report_compile_time_apart(tmp_path: Path):

@@ -34,41 +34,10 @@ def no_load(monkeypatch):
     monkeypatch.setattr(Session, "_load", refuse)
 
 
-def test_generate_compare_prints_median_range_and_cold_calls(model_dir, tmp_path, capsys):
-    out = tmp_path / "a.png"
-    code = main(
-        ["generate", "--model", str(model_dir), *TINY_RUN, "--compare", "--reps", "2", "--out", str(out)]
-    )
-    assert code == 0
-    assert Image.open(out).size == (32, 32)
-    text = capsys.readouterr().out
-    assert "median of 2 calls (range)" in text
-    assert (
-        "vanilla" in text
-        and "distfd parallel" in text
-        and "speed-up: " in text
-        and "of vanilla's time)" in text
-    )
-    assert "first (cold) calls, not in the figures above" in text
-    assert "torch threads per rank: " in text
-    assert "key steps [0, 2]; encoder passes 2" in text
-
-
 def test_missing_side_takes_the_models_default(model_dir, tmp_path):
     out = tmp_path / "tall.png"
     assert main(["generate", "--model", str(model_dir), *TINY_RUN, "--height", "48", "--out", str(out)]) == 0
     assert Image.open(out).size == (32, 48)  # (width, height): the model's 32 wide, 48 high as asked
-
-
-@pytest.mark.parametrize("scheduler", [s for s in samplers.SCHEDULERS if s not in samplers.FLOW])
-def test_every_scheduler_runs_through_the_cli(model_dir, tmp_path, scheduler, capsys):
-    out = tmp_path / f"{scheduler}.png"
-    code = main(
-        ["generate", "--model", str(model_dir), *TINY_RUN, "--scheduler", scheduler, "--out", str(out)]
-    )
-    assert code == 0, capsys.readouterr().err
-    assert Image.open(out).size == (32, 32)
-    assert f"6 steps {scheduler}" in capsys.readouterr().out
 
 
 def test_dpm_means_dpm_solver_plus_plus():

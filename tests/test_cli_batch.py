@@ -156,3 +156,51 @@ def test_batch_on_two_ranks_gives_the_one_process_images(model_dir, tmp_path):
     assert all(e["world_size"] == 2 and e["bytes_sent"] > 0 for e in two)
     for e in one:
         assert_same_image(tmp_path / "two" / e["file"], tmp_path / "one" / e["file"])
+
+
+def test_a_line_failing_in_generation_makes_the_job_exit_1(model_dir, tmp_path, monkeypatch, capsys):
+    from distfd.session import Session
+
+    original = Session._call
+
+    def failing(self, reqs, gate=None):
+        if any(r.prompt == "a failing line" for r in reqs):
+            raise RuntimeError("boom in the pipeline")
+        return original(self, reqs, gate)
+
+    monkeypatch.setattr(Session, "_call", failing)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na failing line\na blue square\n")
+    argv = ["generate", "--model", str(model_dir), *ARGS, "--prompts-file", str(prompts)]
+    assert main([*argv, "--out-dir", str(tmp_path / "out")]) == 1
+    assert [e["line"] for e in manifest(tmp_path / "out")] == [1, 3]  # the others are made
+    assert "line 2: the image failed" in capsys.readouterr().err
+
+
+def test_each_line_meets_the_limits_and_key_step_files_need_the_flag(model_dir, tmp_path, capsys):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"num_steps": 6, "key_steps": [0, 3]}))
+    prompts = tmp_path / "prompts.txt"
+    lines = [
+        "a red circle",  # 1: fine
+        '{"prompt": "x", "steps": 9}',  # 2: over --max-steps 8
+        '{"prompt": "x", "height": 64, "width": 64}',  # 3: over --max-pixels
+        json.dumps({"prompt": "x" * 41}),  # 4: over --max-prompt-chars
+        json.dumps({"prompt": "x", "negative_prompt": "y" * 41}),  # 5: the negative prompt too
+        json.dumps({"prompt": "a blue square", "key_steps": str(keys)}),  # 6: a file on this machine
+    ]
+    prompts.write_text("\n".join(lines))
+    limits = ["--max-steps", "8", "--max-pixels", str(32 * 48), "--max-prompt-chars", "40"]
+    argv = ["generate", "--model", str(model_dir), *ARGS, *limits, "--prompts-file", str(prompts)]
+    assert main([*argv, "--out-dir", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert [e["line"] for e in manifest(tmp_path / "out")] == [1]
+    assert f"{prompts}:2: steps 9 exceeds the limit of 8 (--max-steps)" in err
+    assert f"{prompts}:3: 64x64 is 4096 pixels; the limit is 1536" in err
+    assert f"{prompts}:4: prompt has 41 characters; the limit is 40" in err
+    assert f"{prompts}:5: negative_prompt has 41 characters" in err
+    assert f"{prompts}:6: key_steps must be a list of loop indices" in err and "cannot name a file" in err
+    # With the flag the file's key steps are used for that line.
+    assert main([*argv, "--out-dir", str(tmp_path / "files"), "--allow-key-step-files"]) == 0
+    made = {e["line"]: e for e in manifest(tmp_path / "files")}
+    assert sorted(made) == [1, 6] and made[6]["key_steps"] == [0, 3]

@@ -10,6 +10,7 @@ from diffusers.utils.torch_utils import randn_tensor
 import distfd
 
 from . import tiny
+from .reference import check_against_reference
 
 STEPS = 10
 KEYS = [0, 1, 3, 6]
@@ -199,3 +200,13 @@ def test_scheduler_signatures_are_kept():
     apply(pipe, key_steps=KEYS)
     for name, sig in before.items():
         assert inspect.signature(getattr(pipe.scheduler, name)) == sig  # pipelines pass generator by it
+
+
+@pytest.mark.parametrize(
+    ("make", "sched"), [(tiny.sd, "ddim"), (tiny.sd, "euler-a"), (tiny.sd, "dpm"), (tiny.sdxl, "ddim")]
+)
+def test_matches_reference_hooks_with_noise_injection(make, sched):
+    """Both modes against tests/reference.py (noise injection firing), the encoder computing at the
+    key steps only."""
+    call = lambda p: tiny.run(p, steps=STEPS, negative_prompt="blue", num_images_per_prompt=2)  # noqa: E731
+    check_against_reference(make(sched), call, KEYS)

@@ -9,6 +9,7 @@ import distfd
 
 from . import tiny
 from .equivalence import check_equivalences
+from .reference import check_against_reference
 from .tiny_models import control_image, sd_controlnet, sdxl_controlnet
 
 STEPS, KEYS = 6, [0, 1, 3]
@@ -65,3 +66,18 @@ def test_controlnet_residuals_matter():
     ehs = torch.randn(1, 16, 32)
     down, mid = pipe.controlnet(sample, 10, ehs, control_image(), return_dict=False)
     assert all(d.abs().mean() > 1e-3 for d in down) and mid.abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("make", "image", "kw"),
+    [
+        (sd_controlnet, control_image(), {"guess_mode": True}),
+        (lambda: sd_controlnet(nets=2), [control_image(1), control_image(3)], {}),
+        (sdxl_controlnet, control_image(), {"control_guidance_end": 0.5}),
+    ],
+    ids=["guess-mode", "multi", "sdxl-guidance-end"],
+)
+def test_controlnet_matches_reference(make, image, kw):
+    """The UNet's encoder and the ControlNet compute at key steps only; the other steps reuse the key
+    step's residuals, as in tests/reference.py (noise injection on)."""
+    check_against_reference(make(), cn_call(image, **kw), KEYS)

@@ -11,6 +11,7 @@ from distfd.keysteps import resolve_key_steps
 from distfd.presets import DIT_250, PRESETS
 
 from .equivalence import apply_run, check_equivalences
+from .reference import check_against_reference
 from .tiny_models import dit, pixart, prompt_embeds
 
 STEPS, KEYS = 6, [0, 1, 3]
@@ -98,3 +99,14 @@ def pixart_call(pipe, steps: int = STEPS):
 
 def test_pixart_equivalences():
     check_equivalences(pixart(), pixart_call, STEPS, KEYS)
+
+
+@pytest.mark.parametrize(("blocks", "guidance"), [(3, 4.0), (1, 1.0)])
+def test_dit_matches_reference(blocks, guidance):
+    """The patch embedding and the encoder blocks compute at key steps only (tests/reference.py)."""
+    call = lambda p: dit_call(p, guidance=guidance)  # noqa: E731
+    check_against_reference(dit(), call, KEYS, encoder_blocks=blocks)
+
+
+def test_pixart_matches_reference():
+    check_against_reference(pixart(), pixart_call, KEYS, encoder_blocks=2)

@@ -7,6 +7,7 @@ import torch
 from distfd.presets import PRESETS
 
 from .equivalence import check_equivalences
+from .reference import check_against_reference
 from .tiny_models import if_stage1, if_stage2, prompt_embeds, upscaler
 
 STEPS, KEYS = 6, [0, 1, 3]
@@ -55,3 +56,13 @@ def test_if_presets_follow_the_paper():
     )
     assert PRESETS["if-stage2-50"].key_steps == tuple(range(50))
     assert PRESETS["if-stage3-75"].key_steps == (0, 2, 5, 9, 14, 20, 27, 35, 44, 54, 65)
+
+
+def test_if_stages_match_reference():
+    """Stages I, II and III against tests/reference.py (noise injection on), encoder runs per step."""
+    check_against_reference(if_stage1(), if_call(prompt=None, output_type="pt", **prompt_embeds()), KEYS)
+    stage2 = if_call(prompt=None, image=low_res(), output_type="pt", **prompt_embeds())
+    check_against_reference(if_stage2(), stage2, KEYS)
+    check_against_reference(
+        upscaler(), if_call(prompt="a red circle", image=low_res(), output_type="latent"), KEYS
+    )

@@ -12,6 +12,7 @@ import distfd
 
 from . import tiny
 from .equivalence import apply_run, check_equivalences
+from .reference import check_against_reference
 
 STEPS, KEYS = 6, [0, 1, 3]
 
@@ -32,16 +33,19 @@ def img2img_call(steps: int = 2 * STEPS, strength: float = 0.5):
     return lambda p: tiny.run(p, steps=steps, image=image(), strength=strength)
 
 
+def inpaint_call(p):
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    return tiny.run(p, steps=2 * STEPS, image=image(), mask_image=mask, strength=0.5)
+
+
 def test_img2img_equivalences():
     # 12 scheduler steps at strength 0.5: the loop runs the last 6.
     check_equivalences(variant(StableDiffusionImg2ImgPipeline), img2img_call(), STEPS, KEYS)
 
 
 def test_inpaint_equivalences():
-    mask = torch.zeros(1, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1
-    call = lambda p: tiny.run(p, steps=2 * STEPS, image=image(), mask_image=mask, strength=0.5)  # noqa: E731
-    check_equivalences(variant(StableDiffusionInpaintPipeline), call, STEPS, KEYS)
+    check_equivalences(variant(StableDiffusionInpaintPipeline), inpaint_call, STEPS, KEYS)
 
 
 def test_img2img_key_steps_index_the_loop_that_runs():
@@ -109,3 +113,18 @@ def test_lora_personalized_preset(tmp_path):
         pipe, lambda p: tiny.run(p, steps=10), key_steps="sd-personalized-50", rescale_key_steps=True
     )
     assert stats["encoder_passes"] == len(keys)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+def test_variants_match_reference(kind):
+    """A suffix of the timesteps: z_T is the first latents the loop updates (the noised image)."""
+    if kind == "img2img":
+        check_against_reference(variant(StableDiffusionImg2ImgPipeline), img2img_call(), KEYS)
+    else:
+        check_against_reference(variant(StableDiffusionInpaintPipeline), inpaint_call, KEYS)
+
+
+def test_tome_matches_reference():
+    pipe = tiny.sd()
+    tomesd.apply_patch(pipe, ratio=0.5, use_rand=False, max_downsample=2)
+    check_against_reference(pipe, lambda p: tiny.run(p, steps=STEPS), KEYS)

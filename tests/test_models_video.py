@@ -10,6 +10,7 @@ import distfd
 
 from . import tiny
 from .equivalence import check_equivalences
+from .reference import check_against_reference
 from .tiny_models import text2video
 
 STEPS, KEYS = 6, [0, 1, 3]
@@ -46,3 +47,8 @@ def test_text_to_video_zero_is_refused():
         ValueError, match="TextToVideoZeroPipeline is not supported.*more than once per scheduler"
     ):
         distfd.apply(pipe)
+
+
+def test_text_to_video_matches_reference():
+    """Frames folded into the batch: the cached features keep each video's frames together."""
+    check_against_reference(text2video(), t2v_call, KEYS)

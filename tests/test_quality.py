@@ -163,9 +163,20 @@ def test_clip_score_with_a_local_tiny_clip(tmp_path) -> None:
     crop = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=crop, tokenizer=tiny.tokenizer()).save_pretrained(tmp_path)
     ev = evaluators.ClipFidEvaluator(clip_model=tmp_path)
-    out = ev.score(images(3), ["a red circle", "a cat", "a dog"])
-    assert set(out) == {"clip_score"} and 0.0 <= out["clip_score"] <= 100.0
-    assert ev.score(images(3), ["a red circle", "a cat", "a dog"]) == out
+    prompts = ["a red circle", "a cat", "a dog"]
+    out = ev.score(images(3), prompts)
+    assert set(out) == {"clip_score"}
+    assert ev.score(images(3), prompts) == out
+    # Independently: the model's own forward (normalised embeddings), 100 * max(cos, 0), the mean.
+    model, processor = CLIPModel.from_pretrained(tmp_path).eval(), CLIPProcessor.from_pretrained(tmp_path)
+    arrays = [im.permute(1, 2, 0).mul(255).round().to(torch.uint8).numpy() for im in images(3)]
+    with torch.no_grad():
+        both = model(**processor(text=prompts, images=arrays, return_tensors="pt", padding=True))
+    cos = (both.image_embeds * both.text_embeds).sum(-1)  # (3,)
+    assert float(torch.as_tensor(out["clip_score"])) == pytest.approx(
+        float(100 * cos.clamp(min=0).mean()), rel=1e-4
+    )
+    assert ev.score(images(3), prompts[::-1]) != out  # the prompts matter
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 from distfd.cli import main  # noqa: E402
 
 from . import tiny  # noqa: E402
+from .cli_helpers import SLACK_S  # noqa: E402
 from .multirank import free_port  # noqa: E402
 from .servers import ROOT, Ranks, Service, call, wait_ready  # noqa: E402
 
@@ -79,9 +80,10 @@ def test_concurrent_requests_all_answered_and_the_same_as_alone(service):
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda b: call(service.url, "/generate", b), bodies))
     assert [a[0] for a in answers] == [200] * 6
-    # Queued and concurrent requests give what the same request gives alone.
+    # Queued and concurrent requests give what the same request gives alone (on an idle service).
     for seed in range(3):
-        np.testing.assert_array_equal(pixels(answers[seed][2]), pixels(answers[seed + 3][2]))
+        status, _, alone = call(service.url, "/generate", bodies[seed])
+        assert status == 200 and alone == answers[seed][2] == answers[seed + 3][2], seed
     assert not np.array_equal(pixels(answers[0][2]), pixels(answers[1][2]))
     text = call(service.url, "/metrics")[2].decode()
     assert 'distfd_requests_total{status="200"}' in text and "distfd_request_seconds_bucket" in text
@@ -100,7 +102,7 @@ def test_concurrent_requests_all_answered_and_the_same_as_alone(service):
         ({"prompt": "a red circle", "height": 30}, ["--height", "30"], "multiple of 8"),
     ],
 )
-def test_bad_requests_get_400_with_the_cli_message_and_the_service_goes_on(
+def test_bad_requests_get_400_with_the_cli_message(
     service, model_dir, tmp_path, capsys, body, cli_args, message
 ):
     status, headers, answer = call(service.url, "/generate", body)
@@ -111,6 +113,11 @@ def test_bad_requests_get_400_with_the_cli_message_and_the_service_goes_on(
         argv = ["generate", "--model", str(model_dir), *TINY, *cli_args, "--out", str(tmp_path / "x.png")]
         assert main(argv) == 2
         assert capsys.readouterr().err.strip() == f"distfd generate: error: {error}"
+
+
+def test_the_service_goes_on_after_bad_requests(service):
+    # Runs after the cases above (module order); once is enough: a 400 ends in the front alone.
+    assert call(service.url, "/generate", {"prompt": "a red circle", "height": 30})[0] == 400
     assert call(service.url, "/generate", REQUEST)[0] == 200
 
 
@@ -128,16 +135,17 @@ def test_a_killed_rank_ends_the_service_with_503_and_no_hang(model_dir, tmp_path
                 waiting.append(pool.submit(call, s.url, "/generate", {**REQUEST, "seed": k}))
                 s.wait_health(lambda h, k=k: h["in_flight"] == 1 and h["queue"] == k)
             s.signal(signal.SIGKILL, [1])
-            answers = [f.result(TIMEOUT_S * 3) for f in waiting]
+            killed = time.monotonic()
+            answers = [f.result(TIMEOUT_S + SLACK_S) for f in waiting]
         # The one in flight may have finished before rank 1 died; the waiting ones cannot.
         assert answers[0][0] in (200, 503)
         for status, _, body in answers[1:]:
             assert status == 503 and "was lost" in json.loads(body)["error"]
         status, _, body = call(s.url, "/generate", REQUEST)  # later: still an answer, not a hang
         assert status == 503 and "lost" in json.loads(body)["error"]
-        codes, took = s.wait(TIMEOUT_S + 10)
+        codes, _ = s.wait(TIMEOUT_S + SLACK_S)
         assert codes[0] == 1 and codes[1] == -signal.SIGKILL, s.results()
-        assert took < TIMEOUT_S + 10
+        assert time.monotonic() - killed < TIMEOUT_S + SLACK_S
     finally:
         s.kill()
 
@@ -147,9 +155,9 @@ def test_a_killed_rank_0_ends_the_other_ranks_with_an_error(model_dir, tmp_path)
     try:
         s.wait_ready()
         s.signal(signal.SIGKILL, [0])  # the HTTP server goes with it; rank 1 waits in a collective
-        codes, took = s.wait(TIMEOUT_S + 10)
+        codes, took = s.wait(TIMEOUT_S + SLACK_S)
         assert codes == [-signal.SIGKILL, 1], s.results()
-        assert took < TIMEOUT_S + 10
+        assert took < TIMEOUT_S + SLACK_S
         assert "lost a rank" in s.log(1)
     finally:
         s.kill()

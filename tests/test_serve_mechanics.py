@@ -8,6 +8,7 @@ test_serve_hostile.py.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import socket
@@ -27,17 +28,29 @@ pytest.importorskip("prometheus_client")
 from distfd.cli.output import png_bytes  # noqa: E402
 from distfd.pool import coordinator as coordinator_module  # noqa: E402
 from distfd.pool.coordinator import Coordinator, tick_seconds  # noqa: E402
+from distfd.pool.jobs import Cancelled  # noqa: E402
 from distfd.pool.layout import SizePolicy  # noqa: E402
 from distfd.pool.links import connect  # noqa: E402
 from distfd.pool.worker import Worker  # noqa: E402
+from distfd.request import ImageRequest  # noqa: E402
 from distfd.runtime import CANCELLED, DistContext, DistributedError, StoppedTogether  # noqa: E402
 from distfd.serve.app import REASONS, FrontSettings, build_app  # noqa: E402
 from distfd.serve.metrics import Metrics  # noqa: E402
 from distfd.serve.server import HttpServer  # noqa: E402
+from distfd.session import PER_IMAGE_FIELDS, batch_key  # noqa: E402
 
 from .servers import call, read_answer  # noqa: E402
 
 WAIT_S = 20.0
+# A value other than the base request's for each field that changes a whole pipeline call.
+BATCH_VARIANTS = {
+    "steps": 5,
+    "guidance_scale": 3.0,
+    "height": 48,
+    "width": 48,
+    "key_steps": (0, 1),
+    "mode": "propagate",
+}
 TOKEN = "a-test-token-of-enough-length"
 
 
@@ -111,7 +124,12 @@ class Service:
     """Coordinator + HTTP server + the worker of world size 1, each in a thread."""
 
     def __init__(
-        self, queue_size: int = 2, grace_s: float | None = 30.0, max_batch: int = 1, **front
+        self,
+        queue_size: int = 2,
+        grace_s: float | None = 30.0,
+        max_batch: int = 1,
+        batch_key=lambda r: r.prompt,  # the stand-in's compatible requests: the same prompt
+        **front,
     ) -> None:
         self.session = FakeSession()
         self.stop_reason: str | None = None
@@ -124,7 +142,7 @@ class Service:
             stop=lambda: self.stop_reason,
             grace_s=grace_s,
             max_batch=max_batch,
-            batch_key=lambda r: r.prompt,  # the stand-in's compatible requests: the same prompt
+            batch_key=batch_key,
         )
         self.metrics = Metrics(self.coordinator.depth, lambda: self.coordinator.in_flight, 1)
         self.coordinator.hooks = self.metrics
@@ -270,6 +288,59 @@ def test_max_batch_runs_waiting_requests_with_the_same_key_in_one_call():
         assert 'distfd_images_total{ranks="1"} 6.0' in text
 
 
+def test_requests_differing_in_any_image_changing_field_never_share_a_call():
+    """The real batch key: for each field of ImageRequest but the per-image ones, a request that
+    differs from the others only in it runs in a call of its own; the others (another prompt and
+    seed) share one."""
+    base = ImageRequest("a red circle", steps=4, height=32, width=32, key_steps=(0, 2), mode="parallel")
+    assert set(BATCH_VARIANTS) == {f.name for f in dataclasses.fields(ImageRequest)} - set(PER_IMAGE_FIELDS)
+    variants = [
+        dataclasses.replace(base, seed=10 + n, **{f: v}) for n, (f, v) in enumerate(BATCH_VARIANTS.items())
+    ]
+    # Negative prompts are per image, but the pipeline takes one for every image or none.
+    variants.append(dataclasses.replace(base, seed=10 + len(variants), negative_prompt="blur"))
+    mates = [
+        dataclasses.replace(base, seed=1, prompt="a blue square"),
+        dataclasses.replace(base, seed=2),
+    ]
+    with Service(queue_size=32, max_batch=32, batch_key=batch_key) as s:
+        busy = s.coordinator.submit(dataclasses.replace(base, seed=0))
+        assert s.session.started.wait(WAIT_S)  # the rest waits in the queue
+        jobs = s.coordinator.submit_many([mates[0], *variants, mates[1]])
+        s.session.release(2 + len(variants))
+        for job in [busy, *jobs]:
+            job.future.result(WAIT_S)
+    assert s.session.batches == [[0], [1, 2], *([10 + n] for n in range(len(variants)))]
+
+
+def test_cancelling_one_request_of_a_shared_call_stops_it_only_when_all_are_cancelled():
+    with Service(queue_size=8, max_batch=2) as s:
+        c = s.coordinator
+        first = c.submit(FakeRequest("a", 1))
+        assert s.session.started.wait(WAIT_S)
+        pair = c.submit_many([FakeRequest("a", 2), FakeRequest("a", 3)])
+        s.session.release()
+        first.future.result(WAIT_S)
+        wait_for(lambda: c.in_flight == 2)  # 2 and 3 run in one call
+        c.cancel(pair[0], "the client went away")
+        wait_for(lambda: not c._cancels)  # the coordinator has acted on it
+        # Nothing to wait for: the call must go on. A wrongly sent cancel would reach the session's
+        # next "step boundary" (every 20 ms) well within this.
+        time.sleep(0.3)
+        assert s.session.cancelled_runs == []
+        s.session.release()
+        assert pair[1].future.result(WAIT_S).png  # 3 has its image
+        assert s.session.batches[-1] == [2, 3]
+        both = c.submit_many([FakeRequest("a", 4), FakeRequest("a", 5)])
+        wait_for(lambda: c.in_flight == 2)
+        for job in both:
+            c.cancel(job, "the client went away")
+        for job in both:
+            with pytest.raises(Cancelled):
+                job.future.result(WAIT_S)
+        assert s.session.cancelled_runs == [4, 5]
+
+
 def test_stop_finishes_the_request_in_flight_and_answers_the_queued_with_503(service):
     url = service.url
     with ThreadPoolExecutor(3) as pool:
@@ -297,7 +368,9 @@ def test_stop_cancels_an_image_that_overruns_the_grace_period():
             first = pool.submit(call, s.url, "/generate", {"seed": 1})
             assert s.session.started.wait(WAIT_S)
             s.stop_reason = "signal 15"
+            stopped = time.monotonic()
             status, _, body = first.result(WAIT_S)  # never released: stopped at a "step boundary"
+            assert time.monotonic() - stopped < 0.3 + 1.0  # the grace, then the next boundary (20 ms)
         assert status == 503 and "shutting down" in json.loads(body)["error"]
         assert s.session.cancelled_runs == [1]
         for t in s.threads:
@@ -335,8 +408,8 @@ def test_a_queued_request_whose_client_left_is_dropped_before_it_runs(service):
         wait_for(lambda: service.coordinator.depth() == 0)  # dropped once the server saw it go
         service.session.release()
         assert first.result(WAIT_S)[0] == 200
-    time.sleep(0.2)
-    assert service.session.runs == [1]  # seed 2 never ran
+    wait_for(lambda: service.coordinator.in_flight == 0)
+    assert service.session.runs == [1]  # seed 2 never ran (it left the queue: it cannot run later)
 
 
 def test_body_bounds_auth_and_a_slow_client():
@@ -356,6 +429,7 @@ def test_body_bounds_auth_and_a_slow_client():
         # A client that sends its headers, then a byte at a time: 408 after --body-timeout, and the
         # service answers others meanwhile.
         with socket.create_connection((s.http.host, s.http.port)) as sock:
+            start = time.monotonic()
             sock.sendall(
                 b"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                 + TOKEN.encode()
@@ -368,7 +442,9 @@ def test_body_bounds_auth_and_a_slow_client():
                 time.sleep(0.1)
             sock.settimeout(WAIT_S)
             answer = read_answer(sock)
+            took = time.monotonic() - start
         assert max(times) < 0.1, times
+        assert 1.0 <= took < 1.0 + 1.0, took  # the whole body within --body-timeout, not per byte
         assert answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer
         s.session.release()
         assert call(url, "/generate", {"seed": 3}, headers=auth)[0] == 200
