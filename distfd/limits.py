@@ -84,7 +84,8 @@ class RequestLimits:
             if not self.key_step_files and names_a_file(keys):
                 raise ValueError(
                     "key_steps must be a list of loop indices, a preset name (see distfd.PRESETS) or "
-                    "'uniform-K' here; a request cannot name a file on the server."
+                    "'uniform-K' here; a request cannot name a file on the server (a batch job's lines may, "
+                    "with --allow-key-step-files)."
                 )
             count = keys.count(",") + 1
         elif isinstance(keys, list | tuple):

@@ -8,7 +8,8 @@
 - The images are made by the pool (:mod:`distfd.pool`): with ``--ranks-per-image K`` the ranks work as
   W/K groups, each line handed to the next free group (not a static split, so a slow group holds no
   one up); by default every image uses all ranks. ``--max-batch N`` lets a group make up to N waiting
-  lines that share size, steps, guidance, mode and key steps in one pipeline call. ``--shard I/N``
+  lines that share every field but prompt, negative prompt (all or none have one) and seed
+  (``session.batch_key``) in one pipeline call. ``--shard I/N``
   takes only lines I, I+N, I+2N, ... (0-based over the file's lines), for Slurm job arrays.
 - Image ``NNNNN-<digest>.png`` for line NNNNN (the digest covers the request and the session settings,
   so an edited line or another model makes a new image); rank 0 alone writes the images and the

@@ -183,8 +183,8 @@ def add_max_batch_option(g) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="make up to N waiting images in one pipeline call when they share size, steps, guidance, "
-        "mode and key steps (more rows per decoder batch); default: 1, each image alone",
+        help="make up to N waiting images in one pipeline call when they share every field but prompt, "
+        "negative prompt and seed (more rows per decoder batch); default: 1, each image alone",
     )
 
 
