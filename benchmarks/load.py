@@ -178,6 +178,8 @@ def load(
     ``openai_n``, each good one asks the OpenAI route for that many images."""
     rng = random.Random(seed)
     hostile = round(good * hostile_share / (1 - hostile_share)) if hostile_share else 0
+    if hostile_share:
+        hostile = max(hostile, len(HOSTILE))  # every kind at least once
     plan = [("good", i) for i in range(good)] + [("hostile", i) for i in range(hostile)]
     rng.shuffle(plan)
     records: list[dict] = []

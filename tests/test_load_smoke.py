@@ -21,7 +21,7 @@ def test_load_benchmark_runs_with_hostile_requests_and_pest_connections(tmp_path
     record = json.loads(out.with_suffix(".json").read_text())
     clean, hostile = record["runs"]
     assert clean["good_ok"] == clean["good_requests"] == 12 and hostile["good_ok"] == 12
-    assert hostile["hostile_refused"] == hostile["hostile_requests"] > 0  # every hostile one a 4xx
+    assert hostile["hostile_refused"] == hostile["hostile_requests"] >= len(record["config"]["hostile_kinds"])
     assert hostile["pests_opened"] >= 20 and clean["pests_opened"] == 0
     assert "backtracking key steps" in record["config"]["hostile_kinds"]
     assert "p50 / clean p50" in out.with_suffix(".md").read_text()
