@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("starlette")
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (a test dependency: never skipped)
 from hypothesis import strategies as st  # noqa: E402
 
 from distfd.intake import Admitted, Intake, RequestRefused  # noqa: E402
