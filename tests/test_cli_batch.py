@@ -192,15 +192,15 @@ def test_each_line_meets_the_limits_and_key_step_files_need_the_flag(model_dir, 
     prompts.write_text("\n".join(lines))
     limits = ["--max-steps", "8", "--max-pixels", str(32 * 48), "--max-prompt-chars", "40"]
     argv = ["generate", "--model", str(model_dir), *ARGS, *limits, "--prompts-file", str(prompts)]
-    assert main([*argv, "--out-dir", str(tmp_path / "out")]) == 0
+    assert main([*argv, "--out-dir", str(tmp_path / "out")]) == 1  # bad lines: exit 1 once the rest is made
     err = capsys.readouterr().err
     assert [e["line"] for e in manifest(tmp_path / "out")] == [1]
     assert f"{prompts}:2: steps 9 exceeds the limit of 8 (--max-steps)" in err
-    assert f"{prompts}:3: 64x64 is 4096 pixels; the limit is 1536" in err
+    assert f"{prompts}:3: width x height 64x64 is 4096 pixels; the limit is 1536" in err
     assert f"{prompts}:4: prompt has 41 characters; the limit is 40" in err
     assert f"{prompts}:5: negative_prompt has 41 characters" in err
     assert f"{prompts}:6: key_steps must be a list of loop indices" in err and "cannot name a file" in err
     # With the flag the file's key steps are used for that line.
-    assert main([*argv, "--out-dir", str(tmp_path / "files"), "--allow-key-step-files"]) == 0
+    assert main([*argv, "--out-dir", str(tmp_path / "files"), "--allow-key-step-files"]) == 1  # lines 2-5
     made = {e["line"]: e for e in manifest(tmp_path / "files")}
     assert sorted(made) == [1, 6] and made[6]["key_steps"] == [0, 3]

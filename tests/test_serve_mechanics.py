@@ -34,7 +34,8 @@ from distfd.pool.links import connect  # noqa: E402
 from distfd.pool.worker import Worker  # noqa: E402
 from distfd.request import ImageRequest  # noqa: E402
 from distfd.runtime import CANCELLED, DistContext, DistributedError, StoppedTogether  # noqa: E402
-from distfd.serve.app import REASONS, FrontSettings, build_app  # noqa: E402
+from distfd.serve.app import build_app  # noqa: E402
+from distfd.serve.front import REASONS, FrontSettings  # noqa: E402
 from distfd.serve.metrics import Metrics  # noqa: E402
 from distfd.serve.server import HttpServer  # noqa: E402
 from distfd.session import PER_IMAGE_FIELDS, batch_key  # noqa: E402

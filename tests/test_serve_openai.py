@@ -28,7 +28,8 @@ from distfd.pool.coordinator import Coordinator  # noqa: E402
 from distfd.pool.layout import SizePolicy  # noqa: E402
 from distfd.pool.links import connect  # noqa: E402
 from distfd.runtime import DistContext  # noqa: E402
-from distfd.serve.app import FrontSettings, build_app  # noqa: E402
+from distfd.serve.app import build_app  # noqa: E402
+from distfd.serve.front import FrontSettings  # noqa: E402
 from distfd.serve.metrics import Metrics  # noqa: E402
 from distfd.serve.server import HttpServer  # noqa: E402
 

@@ -269,7 +269,8 @@ def run(args) -> int:
         )
         session = intake = None
         if ctx.is_main:
-            from .app import FrontSettings, build_app
+            from .app import build_app
+            from .front import FrontSettings
 
             def admit(data: dict):
                 return intake.admit(data)  # only called while serving, so after the intake below exists

@@ -6,7 +6,7 @@ their own sampling fields beside the standard ones. This file only translates: a
 the fields of :class:`~distfd.request.ImageRequest` (``num_inference_steps`` -> ``steps``, ``size``
 -> ``width``/``height``, image ``i`` gets ``seed + i``), each image then goes through the same
 ``admit`` as ``/generate`` (every check lives in :mod:`distfd.intake`), the images go to the pool
-together (:meth:`~distfd.serve.app.Front.make`), and the answer and every error take OpenAI's shapes
+together (:meth:`~distfd.serve.front.Front.make`), and the answer and every error take OpenAI's shapes
 (``{"error": {"message", "type", "param", "code"}}``). The route's bounds, queue and token are the
 front's. docs/openai.md is the user's side of this file.
 """
@@ -26,8 +26,8 @@ from starlette.routing import Route
 
 from ..intake import RequestRefused
 from ..validate import is_int
-from .app import Front, Refusal, image_headers, request_of
 from .auth import authorized
+from .front import Front, Refusal, image_headers, request_of
 
 logger = logging.getLogger("distfd")
 
