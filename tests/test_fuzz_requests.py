@@ -30,6 +30,14 @@ from .servers import Service, call  # noqa: E402
 pytestmark = pytest.mark.timeout(600)
 
 EXAMPLES = 2000
+# The same generated bodies in every run (derandomized, no example database): a failure reproduces.
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 FIELDS = ImageRequest.fields()
 HUGE = 10**400
 
@@ -125,13 +133,7 @@ def test_no_body_gives_a_500_and_every_answer_is_counted(service):
     before = _counted(service.url)
     seen: Counter = Counter()
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @FUZZ
     @given(body=bodies())
     def post(body: bytes) -> None:
         status, headers, answer = call(service.url, "/generate", raw=body)
@@ -166,13 +168,7 @@ def test_the_batch_reader_never_raises_on_a_line(tmp_path):
     intake = Intake(defaults, RequestLimits(32 * 32, 6), folder_check(Args, facts), facts)
     outcomes: Counter = Counter()
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    @FUZZ
     @given(body=bodies())
     def line(body: bytes) -> None:
         try:
