@@ -211,8 +211,9 @@ def plan(args, intake: Intake, settings: dict) -> tuple[list[Item], list[Item], 
     return items, [item for item in items if item.id not in done], problems
 
 
-def run_batch(session, args, ranks_per_image: int | None, intake: Intake) -> int:
-    """Every rank: the pool over the ranks; rank 0 reads the file and writes the results."""
+def run_batch(session, args, ranks_per_image: int | None, planned) -> int:
+    """Every rank: the pool over the ranks; rank 0 makes its :func:`plan` (``planned``: read once,
+    None on the other ranks) and writes the results."""
     from ..pool import Pool, StopFlag
 
     ctx = session.ctx
@@ -224,7 +225,7 @@ def run_batch(session, args, ranks_per_image: int | None, intake: Intake) -> int
     )
     writer, problems = None, []
     if ctx.is_main:
-        items, todo, problems = plan(args, intake, session.settings())
+        items, todo, problems = planned
         for text in problems:
             logger.warning("%s", text)
         remove_stale_temporaries(out_dir)  # this host's, of processes that are gone

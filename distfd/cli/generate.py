@@ -181,10 +181,10 @@ def batch_intake(args, check, facts):
     return Intake(request_from_args(args), limits, check, facts, checks.request_warning(args.model))
 
 
-def _left_to_make(args, folder: Path | None) -> int | None:
-    """Rank 0, batches on a local model folder: how many images are still to make (read before any
-    weight loads), or minus the number of bad lines when nothing else is; None where that needs the
-    loaded model (a hub id)."""
+def _plan_before_loading(args, folder: Path | None):
+    """Rank 0, batches on a local model folder: the batch's plan (:func:`.batch.plan`), made from the
+    folder's configs before any weight loads and used as it is once the model has loaded; None where
+    the plan needs the loaded model (a hub id), and on the other ranks."""
     if args.prompts_file is None or folder is None or rank_from_env() != 0:
         return None
     from ..request import ModelFacts
@@ -193,7 +193,8 @@ def _left_to_make(args, folder: Path | None) -> int | None:
 
     facts = ModelFacts.from_folder(folder)
     intake = batch_intake(args, folder_check(args, facts), facts)
-    items, todo, problems = plan(args, intake, settings_of(**session_kwargs(args)))
+    planned = plan(args, intake, settings_of(**session_kwargs(args)))
+    items, todo, problems = planned
     if not todo:
         for text in problems:
             logger.warning("%s", text)
@@ -203,6 +204,15 @@ def _left_to_make(args, folder: Path | None) -> int | None:
             args.prompts_file,
             len(problems),
         )
+    return planned
+
+
+def _left_to_make(planned) -> int | None:
+    """Images still to make in rank 0's plan, or minus the number of bad lines when nothing else is;
+    None without a plan."""
+    if planned is None:
+        return None
+    _, todo, problems = planned
     return len(todo) if todo or not problems else -len(problems)
 
 
@@ -231,15 +241,15 @@ def _join(args, problem: str | None, left: int | None = None):
 
 
 def run(args) -> int:
-    problem, left = None, None
+    problem, planned = None, None
     try:
         request, folder = _up_front(args)
-        left = _left_to_make(args, folder)
+        planned = _plan_before_loading(args, folder)
     except UsageError as e:
         if world_from_env() == 1:
             raise
         problem, request = str(e), None
-    ctx, left = _join(args, problem, left)
+    ctx, left = _join(args, problem, _left_to_make(planned))
     try:
         batch = args.prompts_file is not None
         if batch and left is not None and left <= 0:  # a rerun with nothing left: no rank loads the model
@@ -249,11 +259,12 @@ def run(args) -> int:
         )
         if batch:
             from ..pool import parse_ranks_per_image
-            from .batch import run_batch
+            from .batch import plan, run_batch
 
-            intake = batch_intake(args, session.check, session.facts)
+            if ctx.is_main and planned is None:  # a hub model: its lines are checked once it is loaded
+                planned = plan(args, batch_intake(args, session.check, session.facts), session.settings())
             return run_batch(
-                session, args, parse_ranks_per_image(args.ranks_per_image, ctx.world_size), intake
+                session, args, parse_ranks_per_image(args.ranks_per_image, ctx.world_size), planned
             )
         try:
             request = session.check(request)  # a hub model's checks, now that it is loaded
