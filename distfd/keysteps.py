@@ -16,7 +16,7 @@ from typing import Any
 
 from .presets import PRESETS, Preset, preset_names
 from .schedule import rescale
-from .validate import is_int
+from .validate import is_int, shorten
 
 UNIFORM_PREFIX = "uniform-"
 
@@ -36,16 +36,16 @@ def check_indices(values: Any, where: str) -> tuple[int, ...]:
         raise ValueError(f"{where} is empty; give at least [0] or a preset name such as 'sd-ddim-50'.")
     bad = [k for k in steps if not is_int(k)]
     if bad:
-        raise TypeError(f"{where} must hold ints (0-based loop indices); got {_shorten(repr(bad[0]))}.")
+        raise TypeError(f"{where} must hold ints (0-based loop indices); got {shorten(repr(bad[0]))}.")
     negative = [k for k in steps if k < 0]
     if negative:
-        raise ValueError(f"{where} must be non-negative loop indices; got {_shorten(str(negative))}.")
+        raise ValueError(f"{where} must be non-negative loop indices; got {shorten(str(negative))}.")
     dupes = sorted(k for k, n in Counter(steps).items() if n > 1)  # linear: lists may come from clients
     if dupes:
-        raise ValueError(f"{where} has duplicates {_shorten(str(dupes))}; list each loop index once.")
+        raise ValueError(f"{where} has duplicates {shorten(str(dupes))}; list each loop index once.")
     if 0 not in steps:
         raise ValueError(
-            f"{where} {_shorten(str(steps))} lacks index 0: the encoder must run at the first step. Add 0."
+            f"{where} {shorten(str(steps))} lacks index 0: the encoder must run at the first step. Add 0."
         )
     return tuple(sorted(steps))
 
@@ -99,11 +99,6 @@ def names_a_file(text: str) -> bool:
     return bool(text) and not (
         listed or _uniform_every(text) is not None or text in PRESETS or text == "auto"
     )
-
-
-def _shorten(text: str, limit: int = 60) -> str:
-    """``text`` as quoted in a message: a client's 60 KB string is not echoed back whole."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def read_preset_file(path: str | Path) -> Preset:
@@ -176,7 +171,7 @@ class KeySteps:
         if (every := _uniform_every(text)) is not None:
             if not (every.isascii() and every.isdigit()) or int(every) < 1:
                 raise ValueError(
-                    f"bad uniform preset {_shorten(text)!r}: use 'uniform-K' with an integer K >= 1."
+                    f"bad uniform preset {shorten(text)!r}: use 'uniform-K' with an integer K >= 1."
                 )
             return cls(text, every=int(every))
         if text in PRESETS:
@@ -186,7 +181,7 @@ class KeySteps:
             preset = read_preset_file(text)
             return cls(text, preset.key_steps, preset.num_steps)
         raise ValueError(
-            f"unknown key-step preset {_shorten(text)!r}; known: {', '.join(preset_names())}, "
+            f"unknown key-step preset {shorten(text)!r}; known: {', '.join(preset_names())}, "
             "'uniform-K', indices such as '0,1,5', or a .json file."
         )
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .presets import PRESETS
-from .validate import is_int
+from .validate import is_int, shown
 
 if TYPE_CHECKING:
     from .keysteps import KeySteps
@@ -34,16 +34,6 @@ def _is_number(v: Any) -> bool:
 
 def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    """A client's value as quoted in a message: never echoed back whole when it is long."""
-    text = (
-        repr(value)
-        if not isinstance(value, int) or abs(value) < 10**limit
-        else f"a {len(str(value))}-digit number"
-    )
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _check_unicode(name: str, text: str | None) -> None:
@@ -123,13 +113,13 @@ class ImageRequest:
         for name in ("prompt", "negative_prompt"):
             _check_unicode(name, getattr(self, name))
         if not is_int(self.seed):
-            raise TypeError(f"seed must be an integer; got {_show(self.seed)} ({_type_name(self.seed)}).")
+            raise TypeError(f"seed must be an integer; got {shown(self.seed)} ({_type_name(self.seed)}).")
         if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be in 0 .. 2**64-1; got {_show(self.seed)}.")
+            raise ValueError(f"seed must be in 0 .. 2**64-1; got {shown(self.seed)}.")
         if not is_int(self.steps):
-            raise TypeError(f"steps must be an integer; got {_show(self.steps)} ({_type_name(self.steps)}).")
+            raise TypeError(f"steps must be an integer; got {shown(self.steps)} ({_type_name(self.steps)}).")
         if self.steps < 1:
-            raise ValueError(f"steps must be >= 1; got {_show(self.steps)}.")
+            raise ValueError(f"steps must be >= 1; got {shown(self.steps)}.")
         self._check_guidance()
         for side in ("height", "width"):
             v = getattr(self, side)
@@ -137,12 +127,12 @@ class ImageRequest:
                 continue
             if not is_int(v):
                 raise TypeError(
-                    f"{side} must be an integer number of pixels; got {_show(v)} ({_type_name(v)})."
+                    f"{side} must be an integer number of pixels; got {shown(v)} ({_type_name(v)})."
                 )
             if v < 8:
-                raise ValueError(f"{side} must be at least 8 pixels; got {_show(v)}.")
+                raise ValueError(f"{side} must be at least 8 pixels; got {shown(v)}.")
         if not isinstance(self.mode, str) or self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {_show(self.mode)}.")
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {shown(self.mode)}.")
         object.__setattr__(self, "key_steps", _check_key_steps(self.key_steps))
         if self.mode == "off" and self.key_steps is not None:
             raise ValueError(
@@ -153,11 +143,11 @@ class ImageRequest:
     def _check_guidance(self) -> None:
         g = self.guidance_scale
         if not _is_number(g):
-            raise TypeError(f"guidance_scale must be a number; got {_show(g)} ({_type_name(g)}).")
+            raise TypeError(f"guidance_scale must be a number; got {shown(g)} ({_type_name(g)}).")
         try:
             g = float(g)  # a JSON integer may be too large for a float
         except OverflowError:
-            raise ValueError(f"guidance_scale must be finite; got {_show(self.guidance_scale)}.") from None
+            raise ValueError(f"guidance_scale must be finite; got {shown(self.guidance_scale)}.") from None
         if not math.isfinite(g):
             raise ValueError(f"guidance_scale must be finite; got {g}.")
         if g < 0:

@@ -11,6 +11,19 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def shorten(text: str, limit: int = 60) -> str:
+    """``text`` as quoted in a message: a client's long string is never echoed back whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """A client's value as quoted in a message (its repr, shortened); an integer too long to quote is
+    described by its number of digits."""
+    if isinstance(value, int) and abs(value) >= 10**limit:
+        return f"a {len(str(value))}-digit number"
+    return shorten(repr(value), limit)
+
+
 def positive_int(name: str, value: Any) -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}.")

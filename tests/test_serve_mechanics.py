@@ -26,6 +26,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("prometheus_client")
 
 from distfd.cli.output import png_bytes  # noqa: E402
+from distfd.intake import Admitted, RequestRefused  # noqa: E402
 from distfd.pool import coordinator as coordinator_module  # noqa: E402
 from distfd.pool.coordinator import Coordinator, tick_seconds  # noqa: E402
 from distfd.pool.jobs import Cancelled  # noqa: E402
@@ -110,15 +111,16 @@ class FakeSession:
         ]
 
 
-def validate(data: dict) -> FakeRequest:
+def validate(data: dict) -> Admitted:
+    """The stand-in's intake: refusals as distfd.intake gives them."""
     if data.get("prompt") == "a bug of ours":
         raise RuntimeError("internal detail /srv/secret")
     unknown = set(data) - {"prompt", "seed"}
     if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)}")
+        raise RequestRefused(f"unknown field(s) {sorted(unknown)}")
     if not isinstance(data.get("seed", 0), int):
-        raise TypeError("seed must be an integer")
-    return FakeRequest(data.get("prompt", ""), data.get("seed", 0))
+        raise RequestRefused("seed must be an integer", "seed")
+    return Admitted(FakeRequest(data.get("prompt", ""), data.get("seed", 0)))
 
 
 class Service:

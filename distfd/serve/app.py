@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from ..pool.coordinator import Coordinator
 from .auth import authorized
-from .front import Front, FrontSettings, Refusal, image_headers, reason, request_of
+from .front import Front, FrontSettings, Refusal, image_headers, reason
 from .metrics import Metrics
 from .openai import error_response
 from .openai import routes as openai_routes
@@ -53,8 +53,8 @@ def build_app(
     async def generate(request: Request, arrived: float) -> Response:
         front.check_entry(request)
         admitted = await front.check(await front.read_json(request))
-        (result,) = await front.make(request, [request_of(admitted)], arrived)
-        headers = image_headers(result, getattr(admitted, "warnings", ()))
+        (result,) = await front.make(request, [admitted.request], arrived)
+        headers = image_headers(result, admitted.warnings)
         return Response(result.png, media_type="image/png", headers=headers)
 
     async def prometheus(request: Request) -> Response:

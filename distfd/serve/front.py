@@ -140,8 +140,6 @@ class Front:
             return await run_in_threadpool(to_request or self.admit, data)
         except RequestRefused as e:
             raise Refusal(400, e.message, e.field) from None
-        except (ValueError, TypeError) as e:  # an admit function of a test's stand-in
-            raise Refusal(400, str(e)) from None
 
     async def make(
         self, request: Request, requests: list[Any], arrived: float, full: int = 503
@@ -172,7 +170,7 @@ class Front:
                 f"no image within {self.settings.request_timeout_s:g} s of the request's arrival "
                 "(--request-timeout); it was cancelled. Retry later or ask for less work.",
             )
-        return [_result(job.future, request_of(job.request), reason(self.coordinator)) for job in jobs]
+        return [_result(job.future, job.request, reason(self.coordinator)) for job in jobs]
 
     def counted(
         self,
@@ -200,11 +198,6 @@ class Front:
             return response
 
         return endpoint
-
-
-def request_of(admitted: Any) -> Any:
-    """The request of an admitted one (:class:`~distfd.intake.Admitted`), or the request itself."""
-    return getattr(admitted, "request", admitted)
 
 
 def image_headers(result: Completed, warnings: tuple[str, ...] = ()) -> dict[str, str]:

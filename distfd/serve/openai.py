@@ -25,9 +25,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..intake import RequestRefused
-from ..validate import is_int
+from ..validate import is_int, shown
 from .auth import authorized
-from .front import Front, Refusal, image_headers, request_of
+from .front import Front, Refusal, image_headers
 
 logger = logging.getLogger("distfd")
 
@@ -90,11 +90,6 @@ def error_response(refusal: Refusal) -> JSONResponse:
     return JSONResponse(body, status_code=refusal.status, headers=headers)
 
 
-def _show(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 def _size(value: Any, max_pixels: int | None) -> dict[str, int]:
     """``"WxH"`` as ``width``/``height``; ``"auto"`` (or null) as neither: the service's default size."""
     if value is None or value == "auto":
@@ -106,7 +101,7 @@ def _size(value: Any, max_pixels: int | None) -> dict[str, int]:
     bound = f"; at most {max_pixels} pixels (--max-pixels)" if max_pixels else ""
     raise RequestRefused(
         f"size must be 'WIDTHxHEIGHT' in pixels, e.g. '512x512', or 'auto' (the service's default "
-        f"size){bound}; got {_show(value)}.",
+        f"size){bound}; got {shown(value)}.",
         "size",
     )
 
@@ -116,7 +111,7 @@ def translate(data: dict[str, Any], model: str, max_images: int, max_pixels: int
     unknown = sorted(str(k) for k in data if k not in KNOWN)
     if unknown:
         raise RequestRefused(
-            f"unknown field(s) {', '.join(_show(k) for k in unknown[:10])}"
+            f"unknown field(s) {', '.join(shown(k) for k in unknown[:10])}"
             f"{f' and {len(unknown) - 10} more' if len(unknown) > 10 else ''}; known fields: "
             f"{', '.join(KNOWN)}.",
             unknown[0][:40],  # a client's key, echoed as param: never whole when long
@@ -125,13 +120,13 @@ def translate(data: dict[str, Any], model: str, max_images: int, max_pixels: int
         if data.get(name) not in neutral:
             allowed = " or ".join("null" if v is None else repr(v) for v in neutral)
             raise RequestRefused(
-                f"{name} {_show(data[name])} cannot be honoured by this service (a diffusers pipeline "
+                f"{name} {shown(data[name])} cannot be honoured by this service (a diffusers pipeline "
                 f"served by distfd); leave {name} out or give {allowed}.",
                 name,
             )
     if data.get("model") not in (None, model):
         raise RequestRefused(
-            f"model {_show(data['model'])} is not served here; this service serves {model!r} "
+            f"model {shown(data['model'])} is not served here; this service serves {model!r} "
             "(GET /v1/models). Leave model out or give that name.",
             "model",
         )
@@ -139,7 +134,7 @@ def translate(data: dict[str, Any], model: str, max_images: int, max_pixels: int
     n = 1 if n is None else n
     if not is_int(n) or not 1 <= n <= max_images:
         raise RequestRefused(
-            f"n must be an integer from 1 to {max_images} (--max-images-per-request); got {_show(n)}.", "n"
+            f"n must be an integer from 1 to {max_images} (--max-images-per-request); got {shown(n)}.", "n"
         )
     if data.get("response_format") == "url":
         raise RequestRefused(
@@ -149,17 +144,17 @@ def translate(data: dict[str, Any], model: str, max_images: int, max_pixels: int
         )
     if data.get("response_format") not in (None, "b64_json"):
         raise RequestRefused(
-            f"response_format must be 'b64_json'; got {_show(data['response_format'])}.", "response_format"
+            f"response_format must be 'b64_json'; got {shown(data['response_format'])}.", "response_format"
         )
     if data.get("output_format") not in (None, "png"):
         raise RequestRefused(
             f"output_format must be 'png' (the only format this service makes); got "
-            f"{_show(data['output_format'])}.",
+            f"{shown(data['output_format'])}.",
             "output_format",
         )
     for name in ("user", "safety_identifier"):
         if data.get(name) is not None and not isinstance(data[name], str):
-            raise RequestRefused(f"{name} must be a string; got {_show(data[name])}.", name)
+            raise RequestRefused(f"{name} must be a string; got {shown(data[name])}.", name)
     fields = {ours: data[theirs] for theirs, ours in SAMPLING.items() if theirs in data}
     if "prompt" in data:
         fields["prompt"] = data["prompt"]
@@ -170,7 +165,7 @@ def admit_images(admit: Callable[[Any], Any], n: int, fields: dict) -> list[Any]
     """Each image through ``admit`` (every check, in :mod:`distfd.intake`): image ``i`` with seed
     ``seed + i``, where ``seed`` is the body's or, if it gives none, the service's default."""
     first = admit(fields)
-    seed = request_of(first).seed
+    seed = first.request.seed
     admitted = [first]
     for i in range(1, n):
         try:
@@ -224,8 +219,8 @@ def routes(front: Front, info: Callable[[], dict[str, Any]]) -> list[Route]:
         if data.get("user") or data.get("safety_identifier"):
             who = str(data.get("user") or data.get("safety_identifier"))
             logger.info("images request (n=%d) for user %r", len(admitted), who[:100])
-        results = await front.make(request, [request_of(a) for a in admitted], arrived, full=QUEUE_FULL)
-        warnings = tuple(dict.fromkeys(w for a in admitted for w in getattr(a, "warnings", ())))
+        results = await front.make(request, [a.request for a in admitted], arrived, full=QUEUE_FULL)
+        warnings = tuple(dict.fromkeys(w for a in admitted for w in a.warnings))
         body: dict[str, Any] = {
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(r.png).decode(), "revised_prompt": None} for r in results],
@@ -247,7 +242,7 @@ def routes(front: Front, info: Callable[[], dict[str, Any]]) -> list[Route]:
             return JSONResponse({"object": "list", "data": [model_card()]})
         if wanted != settings.model:
             refusal = Refusal(
-                404, f"model {_show(wanted)} is not served here; this service serves {settings.model!r}."
+                404, f"model {shown(wanted)} is not served here; this service serves {settings.model!r}."
             )
             return error_response(refusal)
         return JSONResponse(model_card())
