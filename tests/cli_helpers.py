@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from . import tiny
+from .multirank import port_taken, retry_on_taken_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the tests allow past a bound the docs promise (a lost rank ends every rank within --timeout,
@@ -50,9 +51,22 @@ class Exit:
     output: str
 
 
-def spawn_ranks(argvs: list[list[str]], port: int, wait_s: float, **env_extra: str) -> list[Exit]:
+def spawn_ranks(argvs: list[list[str]], port: int | None, wait_s: float, **env_extra: str) -> list[Exit]:
     """Start ``python -m distfd ARGV`` per rank the way an ``srun`` recipe does (RANK/WORLD_SIZE/
-    MASTER_* in the environment, no launcher); each rank's exit code and time to exit."""
+    MASTER_* in the environment, no launcher); each rank's exit code and time to exit. Rank 0 hosts
+    the rendezvous on ``port``; None: a free one, and the ranks start again on another if a process
+    took it first (:func:`multirank.retry_on_taken_port`)."""
+    if port is not None:
+        return _spawn(argvs, port, wait_s, False, env_extra)
+    return retry_on_taken_port(
+        lambda p: _spawn(argvs, p, wait_s, True, env_extra),
+        lambda exits: any(port_taken(e.output) for e in exits),
+    )
+
+
+def _spawn(
+    argvs: list[list[str]], port: int, wait_s: float, stop_if_taken: bool, env_extra: dict
+) -> list[Exit]:
     world = len(argvs)
     procs = []
     start = time.monotonic()
@@ -75,17 +89,19 @@ def spawn_ranks(argvs: list[list[str]], port: int, wait_s: float, **env_extra: s
             )
         )
     exits: dict[int, Exit] = {}
+    taken = False  # a rank found the port taken: the others are stopped at once, to start again
     while len(exits) < world:
         now = time.monotonic() - start
         for rank, proc in enumerate(procs):
             if rank in exits:
                 continue
-            if proc.poll() is not None or now > wait_s:
+            if proc.poll() is not None or now > wait_s or taken:
                 killed = proc.poll() is None
                 if killed:
                     proc.kill()
                 out = proc.communicate()[0]
                 exits[rank] = Exit(rank, None if killed else proc.returncode, now, out)
+                taken = taken or (stop_if_taken and port_taken(out))
         time.sleep(0.05)
     return [exits[r] for r in range(world)]
 

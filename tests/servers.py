@@ -1,11 +1,14 @@
 """Start ``distfd serve`` on N gloo ranks on CPU, one process per rank with the environment ``srun``
 gives (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and MASTER_* as launch/slurm/serve.sbatch exports),
-talk to it over real HTTP on 127.0.0.1, and end it; every wait is bounded."""
+talk to it over real HTTP on 127.0.0.1, and end it; every wait is bounded. The HTTP port is the one
+rank 0 binds with ``--port 0`` (read from its log); rank 0 hosts the rendezvous on a free MASTER_PORT,
+and the ranks start again on another if a process took it first."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,10 +16,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .multirank import free_port
+from .multirank import PORT_ATTEMPTS, free_port, port_taken
 
 ROOT = Path(__file__).resolve().parents[1]
 HTTP_TIMEOUT_S = 120.0
+LISTENING = re.compile(r"listening on (http://\S+:(\d+))")  # rank 0's log line once it serves
 
 
 def call(
@@ -42,10 +46,18 @@ class Ranks:
         self, command: list[str], log_dir: Path, world: int = 2, module: str = "distfd", **env_extra: str
     ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
-        master = str(free_port())
+        self.command, self.module, self.env_extra = command, module, env_extra
         self.logs = [log_dir / f"rank{r}.log" for r in range(world)]
         self.procs: list[subprocess.Popen] = []
+        self.attempts = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.attempts += 1
+        master = str(free_port())
+        world = len(self.logs)
         clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        self.procs = []
         for rank in range(world):
             env = {
                 **clean,
@@ -56,18 +68,29 @@ class Ranks:
                 "SLURM_NTASKS": str(world),
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": master,
-                **env_extra,
+                **self.env_extra,
             }
             with open(self.logs[rank], "w") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", module, *command],
+                        [sys.executable, "-m", self.module, *self.command],
                         env=env,
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         cwd=ROOT,
                     )
                 )
+
+    def restart_if_port_taken(self) -> bool:
+        """If a rank has ended saying another process took MASTER_PORT before rank 0 bound it: every
+        rank stopped and started again on a fresh port (at most :data:`PORT_ATTEMPTS` starts)."""
+        if self.attempts >= PORT_ATTEMPTS or all(p.poll() is None for p in self.procs):
+            return False
+        if not any(port_taken(self.log(r)) for r in range(len(self.procs))):
+            return False
+        self.kill()
+        self._start()
+        return True
 
     def log(self, rank: int) -> str:
         return self.logs[rank].read_text()
@@ -81,6 +104,9 @@ class Ranks:
         start = time.monotonic()
         while time.monotonic() - start < limit_s and any(p.poll() is None for p in self.procs):
             time.sleep(0.05)
+        while self.restart_if_port_taken():
+            while time.monotonic() - start < limit_s and any(p.poll() is None for p in self.procs):
+                time.sleep(0.05)
         codes = [p.poll() for p in self.procs]
         self.kill()
         return codes, time.monotonic() - start
@@ -96,15 +122,27 @@ class Ranks:
 
 
 class Service(Ranks):
-    """``distfd serve`` on a free port; :meth:`wait_ready` until /health answers 200."""
+    """``distfd serve --port 0``; :meth:`wait_ready` reads the port rank 0 bound from its log, then
+    polls /health until it answers 200."""
 
     def __init__(self, args: list[str], log_dir: Path, world: int = 2, **kw) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["serve", "--port", str(self.port), *args], log_dir, world, **kw)
+        self.port = 0
+        self.url = ""  # known once rank 0 serves
+        super().__init__(["serve", "--port", "0", *args], log_dir, world, **kw)
 
     def wait_ready(self, limit_s: float = 180.0) -> dict:
-        health = wait_ready(self.url, self.procs, limit_s, self.results)
+        deadline = time.monotonic() + limit_s
+        while not self.url:
+            found = LISTENING.search(self.log(0))
+            if found:
+                self.url, self.port = found[1], int(found[2])
+            elif any(p.poll() is not None for p in self.procs) and not self.restart_if_port_taken():
+                raise AssertionError(f"a process exited before the service was ready\n{self.results()}")
+            elif time.monotonic() > deadline:
+                raise AssertionError(f"rank 0 did not listen within {limit_s}s\n{self.results()}")
+            else:
+                time.sleep(0.05)
+        health = wait_ready(self.url, self.procs, max(1.0, deadline - time.monotonic()), self.results)
         self.started = time.monotonic()
         return health
 

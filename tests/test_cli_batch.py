@@ -142,13 +142,12 @@ def test_batch_stops_on_sigterm_and_resumes_after_a_kill(model_dir, tmp_path):
 
 def test_batch_on_two_ranks_gives_the_one_process_images(model_dir, tmp_path):
     from .cli_helpers import spawn_ranks
-    from .multirank import free_port
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a red circle\n{"prompt": "a blue square", "seed": 5}\n{"prompt": "x", "seed": -1}\n')
     argv = ["generate", "--model", str(model_dir), *ARGS, "--prompts-file", str(prompts), "--timeout", "60"]
     assert main([*argv, "--out-dir", str(tmp_path / "one")]) == 1  # line 3 is bad
-    exits = spawn_ranks([[*argv, "--out-dir", str(tmp_path / "two")]] * 2, free_port(), wait_s=180)
+    exits = spawn_ranks([[*argv, "--out-dir", str(tmp_path / "two")]] * 2, None, wait_s=180)
     assert [e.returncode for e in exits] == [1, 0], exits[0].output[-3000:]  # rank 0 reports the line
     assert f"{prompts}:3: seed must be in 0 .. 2**64-1" in exits[0].output
     one, two = manifest(tmp_path / "one"), manifest(tmp_path / "two")
