@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import distfd
-from distfd.keysteps import resolve_key_steps, save_preset_file
 from distfd.presets import PRESETS
 from distfd.schedule import chunk_after, groups, shard
 
@@ -14,10 +13,9 @@ from . import tiny
 
 
 def test_paper_presets():
-    assert PRESETS["sd-ddim-50"].key_steps == (0, 1, 2, 3, 5, 10, 15, 25, 35)
+    # sd-ddim-50 and uniform-K, as resolved for a loop: test_keysteps.py::test_resolution_against_the_loop
     assert PRESETS["sd-dpm-20"].key_steps == (0, 1, 2, 3, 5, 10, 15)
     assert PRESETS["sd-personalized-50"].key_steps == (0, 1, 2, 3, 5, 10, 15, 25, 35, 40)
-    assert resolve_key_steps("uniform-5", 20) == (0, 5, 10, 15)
 
 
 def test_groups_and_chunks():
@@ -33,13 +31,6 @@ def test_shard_is_even_contiguous_and_complete(rows, world):
     assert [i for s in shares for i in s] == list(range(rows))
     assert max(len(s) for s in shares) - min(len(s) for s in shares) <= 1
     assert len(shares[0]) == min(len(s) for s in shares)  # rank 0 also encodes
-
-
-def test_preset_file_round_trip(tmp_path):
-    path = save_preset_file(tmp_path / "keys.json", 10, [0, 2, 5])
-    assert resolve_key_steps(str(path), 10) == (0, 2, 5)
-    cfg = distfd.FasterDiffusionConfig(key_steps=str(path))
-    assert cfg.key_steps.indices == (0, 2, 5) and cfg.key_steps.built_for == 10
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,8 @@ def test_save_preset_file_round_trip(tmp_path):
     path = save_preset_file(tmp_path / "k.json", 12, [0, 4, 8], source="test")
     parsed = KeySteps.parse(str(path))
     assert parsed.indices == (0, 4, 8) and parsed.built_for == 12
+    assert distfd.resolve_key_steps(str(path), 12) == (0, 4, 8)
+    assert distfd.FasterDiffusionConfig(key_steps=str(path)).key_steps == parsed  # built_for kept
     with pytest.raises(ValueError, match="lacks index 0"):
         save_preset_file(tmp_path / "bad.json", 12, [4, 8])
 

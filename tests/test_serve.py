@@ -24,8 +24,7 @@ from distfd.cli import main  # noqa: E402
 
 from . import tiny  # noqa: E402
 from .cli_helpers import SLACK_S  # noqa: E402
-from .multirank import free_port  # noqa: E402
-from .servers import ROOT, Ranks, Service, call, wait_ready  # noqa: E402
+from .servers import LISTENING, ROOT, Ranks, Service, call, wait_ready  # noqa: E402
 
 TINY = ["--steps", "10", "--key-steps", "0,1,3,6", "--height", "32", "--width", "32"]
 TIMEOUT_S = 10  # the collective timeout of these services: a lost rank must end them within it
@@ -115,12 +114,6 @@ def test_bad_requests_get_400_with_the_cli_message(
         assert capsys.readouterr().err.strip() == f"distfd generate: error: {error}"
 
 
-def test_the_service_goes_on_after_bad_requests(service):
-    # Runs after the cases above (module order); once is enough: a 400 ends in the front alone.
-    assert call(service.url, "/generate", {"prompt": "a red circle", "height": 30})[0] == 400
-    assert call(service.url, "/generate", REQUEST)[0] == 200
-
-
 # 100 steps: the request in flight lasts long enough (about a second) to queue two more behind it.
 
 
@@ -198,16 +191,19 @@ def test_sigterm_finishes_the_request_in_flight_and_answers_the_queued_with_503(
 
 
 def test_torchrun_recipe_serves_and_stops_on_sigterm(service, model_dir, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     cmd = ["bash", str(ROOT / "launch" / "serve-torchrun.sh"), "2", "--model", str(model_dir), *TINY]
-    cmd += ["--port", str(port), "--timeout", str(TIMEOUT_S)]
+    cmd += ["--port", "0", "--timeout", str(TIMEOUT_S)]  # rank 0 binds a free port and logs it
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # the venv's torchrun
     env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     log = tmp_path / "torchrun.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
+        deadline = time.monotonic() + 180
+        while not (found := LISTENING.search(log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        url = found[1]
         assert wait_ready(url, [proc], 180, log.read_text)["world_size"] == 2
         status, _, png = call(url, "/generate", REQUEST)
         assert status == 200 and png == call(service.url, "/generate", REQUEST)[2]

@@ -87,6 +87,7 @@ class FakeSession:
     runs: list[int] = field(default_factory=list)
     cancelled_runs: list[int] = field(default_factory=list)
     batches: list[list[int]] = field(default_factory=list)  # the seeds of each call
+    boundaries: int = 0  # "step boundaries" passed, over all calls
 
     def release(self, n: int = 1) -> None:
         for _ in range(n):
@@ -97,6 +98,7 @@ class FakeSession:
         self.started.set()
         deadline = time.monotonic() + WAIT_S
         while not self.gate.acquire(timeout=0.02):  # a "step boundary" every 20 ms
+            self.boundaries += 1
             if cancelled is not None and cancelled():
                 self.cancelled_runs.extend(r.seed for r in requests)
                 raise StoppedTogether(CANCELLED, "the image was cancelled")
@@ -327,9 +329,10 @@ def test_cancelling_one_request_of_a_shared_call_stops_it_only_when_all_are_canc
         wait_for(lambda: c.in_flight == 2)  # 2 and 3 run in one call
         c.cancel(pair[0], "the client went away")
         wait_for(lambda: not c._cancels)  # the coordinator has acted on it
-        # Nothing to wait for: the call must go on. A wrongly sent cancel would reach the session's
-        # next "step boundary" (every 20 ms) well within this.
-        time.sleep(0.3)
+        # The call must go on: a wrongly sent cancel would be seen at the session's next "step
+        # boundary"; three of them pass, and the call is still running.
+        seen = s.session.boundaries
+        wait_for(lambda: s.session.boundaries >= seen + 10)
         assert s.session.cancelled_runs == []
         s.session.release()
         assert pair[1].future.result(WAIT_S).png  # 3 has its image

@@ -1,6 +1,7 @@
 """The OpenAI images API of ``distfd serve`` with the real ``openai`` client, over real HTTP, on 1 rank
 and on 2 ranks as 2 groups of 1: images byte-equal to /generate's with seed + i, warnings to the
 client, every refusal as the client's own exception class, and the curl examples of docs/openai.md.
+The cases that end in the HTTP front (refusals, auth, routes, the docs' examples) run on 1 rank only.
 
 The service (the embedded model, so a prompt it cannot read earns a warning) runs under
 tests/faulty_rank.py: every rank runs out of memory for width 48 (507) and fails otherwise for width
@@ -43,7 +44,21 @@ QUEUE = 4  # --queue-size and --max-images-per-request (its default)
 LONG = {"prompt": PROMPT, "num_inference_steps": 150, "size": "64x64", "mode": "off"}
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-rank", "2-ranks-as-2-groups"])
+def front_only(test):
+    """A case answered by rank 0's HTTP front alone, or one whose answer does not depend on the
+    ranks: it runs on 1 rank only."""
+    test.front_only = True
+    return test
+
+
+def pytest_generate_tests(metafunc):
+    if "service" in metafunc.fixturenames:
+        worlds = [1] if getattr(metafunc.function, "front_only", False) else [1, 2]
+        ids = [{1: "1-rank", 2: "2-ranks-as-2-groups"}[w] for w in worlds]
+        metafunc.parametrize("service", worlds, ids=ids, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def service(request, tmp_path_factory):
     world = request.param
     log_dir = tmp_path_factory.mktemp(f"openai{world}")
@@ -126,6 +141,7 @@ def test_a_prompt_the_model_cannot_read_gets_images_and_the_warning(service):
     assert "x-distfd-warning" not in call(service.url, "/generate", {"prompt": PROMPT}, AUTH)[1]
 
 
+@front_only
 @pytest.mark.parametrize(
     ("kwargs", "param", "message"),
     [
@@ -156,6 +172,7 @@ def test_bad_requests_raise_bad_request_error_naming_the_parameter(service, kwar
     assert error["type"] == "invalid_request_error" and caught.value.status_code == 400
 
 
+@front_only
 def test_wrong_token_raises_authentication_error(service):
     bad = client(service, api_key="not-the-token-at-all-000")
     with pytest.raises(openai.AuthenticationError):
@@ -164,6 +181,7 @@ def test_wrong_token_raises_authentication_error(service):
         bad.models.list()
 
 
+@front_only
 def test_models_and_unknown_paths(service):
     c = client(service)
     assert [m.id for m in c.models.list()] == ["embedded:tiny-shapes"]
@@ -184,6 +202,7 @@ def test_models_and_unknown_paths(service):
         assert isinstance(json.loads(body)["error"], str)
 
 
+@front_only
 def test_a_body_over_the_limit_raises_the_413_status_error(service):
     with pytest.raises(openai.APIStatusError) as caught:
         client(service).images.generate(prompt="x" * 70_000)  # --max-body-bytes 64 KiB
@@ -241,11 +260,10 @@ def test_a_full_queue_raises_rate_limit_error_with_retry_after(service):
     assert len(client(service).images.generate(prompt=PROMPT, n=QUEUE).data) == QUEUE
 
 
+@front_only
 def test_curl_examples_of_the_docs(service, tmp_path):
     """Every ```bash block of docs/openai.md that calls curl, run as written against this service; the
     ``<!-- expect: ... -->`` line above it says what comes back."""
-    if service.world != 1:
-        pytest.skip("the examples do not depend on the ranks; run once")
     text = (ROOT / "docs" / "openai.md").read_text()
     examples = re.findall(r"<!-- expect: (.*?) -->\n```bash\n(.*?)```", text, flags=re.S)
     assert len(examples) >= 3
@@ -271,11 +289,10 @@ def test_curl_examples_of_the_docs(service, tmp_path):
             raise AssertionError(f"unknown expectation {expect!r}")
 
 
+@front_only
 def test_openai_client_example_of_the_docs(service, tmp_path):
     """The ```python example of docs/openai.md, run as written (but for the address) in a folder with
     the token: it writes the images of seeds 7 to 10, those /generate makes."""
-    if service.world != 1:
-        pytest.skip("the example does not depend on the ranks; run once")
     (script,) = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "openai.md").read_text(), flags=re.S)
     assert "http://127.0.0.1:8000/v1" in script
     (tmp_path / "token").write_text(TOKEN + "\n")
