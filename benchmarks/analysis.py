@@ -24,7 +24,9 @@ logger = logging.getLogger("distfd")
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded", help="'embedded', 'tiny' or a diffusers directory")
+    p.add_argument(
+        "--model", default="embedded", help="'embedded', 'embedded-mmdit', 'tiny' or a diffusers directory"
+    )
     p.add_argument("--scheduler", choices=sorted(sources.SCHEDULERS), default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--prompts", help="prompts file, one per line (default for embedded: scene captions)")
@@ -37,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 2:
         p.error("--steps must be >= 2 (the change is between adjacent steps).")
     try:
-        if args.model == "embedded":
-            pipe, guidance = sources.load_embedded_pipeline(), 7.5
+        if args.model in ("embedded", "embedded-mmdit"):
+            pipe, guidance = sources.load_embedded_pipeline(args.model), 7.5
             prompts = sources.embedded_prompts(args.num_prompts, 424242)[0]
         elif args.model == "tiny":
             from tests import tiny
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe, guidance = sources.load_path_pipeline(args.model, args.device), 7.5
         if args.prompts:
             prompts = sources.read_prompts(args.prompts, args.num_prompts)
-        elif args.model not in ("embedded", "tiny"):
+        elif args.model not in ("embedded", "embedded-mmdit", "tiny"):
             p.error("a model path needs --prompts FILE.")
     except ValueError as e:
         raise SystemExit(f"error: {e}") from e
@@ -62,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("wrote %s", path)
     print(json.dumps(result.summary(), indent=2))
     for b in result.blocks:
-        print(f"{b.name:6s} {b.part:10s} {b.size:3d}  mean Eq.2 {sum(b.change) / len(b.change):.4g}  "
-              f"max {max(b.change):.4g}  norm std {b.norm_std:.4g}")  # fmt: skip
+        rel = sum(b.relative_change) / len(b.relative_change)
+        print(f"{b.name:7s} {b.part:10s} {b.size:3d}  mean Eq.2 {sum(b.change) / len(b.change):.4g}  "
+              f"max {max(b.change):.4g}  relative {rel:.4g}  norm std {b.norm_std:.4g}")  # fmt: skip
     return 0
 
 

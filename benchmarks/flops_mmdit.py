@@ -114,12 +114,12 @@ def _forward(name: str, rows: int, resolution: int) -> tuple[torch.nn.Module, di
 
 def split(name: str, rows: int, resolution: int, encoder_blocks: int | None = None) -> dict[str, Any]:
     """Encoder and decoder FLOPs of one forward as distfd's adapter splits it."""
-    from distfd.adapters.dit import default_encoder_blocks
+    from distfd.adapters import REGISTRY
     from distfd.adapters.mmdit import blocks
 
     model, per = _forward(name, rows, resolution)
     named = blocks(model)
-    n = encoder_blocks or default_encoder_blocks(len(named))
+    n = encoder_blocks or REGISTRY[type(model)].default_blocks(len(named))
     embed = "x_embedder" if name.startswith("flux") else "pos_embed"
     enc_names = [embed, "context_embedder", *(b for b, _ in named[:n])]
     enc = sum(per.get(k, 0) for k in enc_names)
@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "counter": "torch.utils.flop_counter.FlopCounterMode (FLOPs = 2 x MACs), meta device",
         "timing_model": f"FLOPs / ({PEAK_TFLOPS} TFLOP/s x {UTILISATION}); links {LINKS_GBPS} Gbit/s",
-        "default_n": "the paper's DiT split (18 of 28) scaled; not yet measured on a trained MMDiT",
+        "default_n": (
+            "SD3: 5 of 6 blocks, measured on the embedded MMDiT (docs/quality.md); "
+            "FLUX: the paper's DiT split (18 of 28) scaled"
+        ),
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "models": [project_model(m, args.resolution) for m in args.models],

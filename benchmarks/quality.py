@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distfd.embedded import MODELS as EMBEDDED  # noqa: E402
 from distfd.embedded import calibration_captions  # noqa: E402
 from distfd.quality import harness, report, sources  # noqa: E402
 from distfd.quality.evaluators import WeightsMissing  # noqa: E402
@@ -38,7 +39,9 @@ logger = logging.getLogger("distfd")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--model", default="embedded", help="'embedded', 'tiny' (smoke test) or a diffusers directory"
+        "--model",
+        default="embedded",
+        help="'embedded', 'embedded-mmdit', 'tiny' (smoke test) or a diffusers directory",
     )
     p.add_argument("--scheduler", choices=sorted(sources.SCHEDULERS), default="ddim")
     p.add_argument("--steps", type=int, default=50)
@@ -57,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--budget", type=int, help="key steps for 'auto' (default: as many as the paper's set)")
     p.add_argument("--size", type=int, help="image height and width (default: the model's)")
+    p.add_argument(
+        "--encoder-blocks", type=int, help="transformers: blocks in the encoder (default: the adapter's)"
+    )
     p.add_argument("--reference-count", type=int, default=2000, help="real scenes for the judge's FD")
     p.add_argument("--clip-model", help="local CLIP directory for CLIP score (model path only)")
     p.add_argument("--reference-images", help="directory of real images for FID (model path only)")
@@ -89,15 +95,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps, --num-prompts and --batch-size must be >= 1.")
     if args.budget is not None and not 1 <= args.budget <= args.steps:
         p.error(f"--budget {args.budget} must be between 1 and --steps {args.steps}.")
-    if args.model not in ("embedded", "tiny") and not args.prompts:
+    if args.model not in (*EMBEDDED, "tiny") and not args.prompts:
         p.error("a model path needs --prompts FILE (one prompt per line, e.g. MS-COCO captions).")
     return args
 
 
 def load(args: argparse.Namespace):
     """Pipeline, prompts, calibration prompts, evaluator and extra pipeline arguments."""
-    if args.model == "embedded":
-        pipe = sources.load_embedded_pipeline()
+    if args.model in EMBEDDED:
+        pipe = sources.load_embedded_pipeline(args.model)
         prompts, labels = sources.embedded_prompts(args.num_prompts, args.prompt_seed)
         calib = calibration_captions(8, args.prompt_seed + 1, evaluation_seed=args.prompt_seed)
         evaluator = sources.embedded_evaluator(labels, args.reference_count, args.prompt_seed + 2)
@@ -130,7 +136,9 @@ GPU_RESULTS = ROOT / "benchmarks" / "results" / "h200-2026-11-29"
 
 def latency_files(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
     """The latency JSON for this scheduler/steps and the one holding projection pieces (SD-1.5, H200)."""
-    sched = {"ddim": "ddim", "dpm": "dpm"}[args.scheduler]
+    sched = {"ddim": "ddim", "dpm": "dpm"}.get(args.scheduler)  # measured for SD-1.5 only
+    if sched is None and not args.latency:
+        return None, None
     lat = (
         Path(args.latency)
         if args.latency
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         import json
 
-        model = "embedded" if args.model == "embedded" else Path(args.model).name
+        model = args.model if args.model in EMBEDDED else Path(args.model).name
         name = args.name or f"quality-{model}-{args.scheduler}-{args.steps}"
         rows = json.loads((Path(args.out) / f"{name}.json").read_text())["rows"]
         for extra in args.also:
@@ -190,9 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         budget=args.budget,
         calibration_prompts=calib,
         call_kwargs=kwargs,
+        encoder_blocks=args.encoder_blocks,
     )
     rows, images, extras = harness.evaluate(pipe, [m.name for m in args.methods], setup, evaluator)
-    model = "embedded" if args.model == "embedded" else Path(args.model).name
+    model = args.model if args.model in EMBEDDED else Path(args.model).name
     name = args.name or f"quality-{model}-{args.scheduler}-{args.steps}"
     meta = {
         "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -204,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         "guidance": setup.guidance_scale,
         "paper key steps": harness.paper_key_steps(pipe, args.steps),
     }
-    if args.model == "embedded":  # the floor: real rendered scenes with the same captions
+    if args.encoder_blocks is not None:
+        meta["encoder blocks"] = args.encoder_blocks
+    if args.model in EMBEDDED:  # the floor: real rendered scenes with the same captions
         real = evaluator.score(sources.embedded_real_images(len(prompts), args.prompt_seed), prompts)
         meta["real scenes, same captions"] = ", ".join(f"{k} {v:.3f}" for k, v in real.items())
     cals = extras["calibrations"]

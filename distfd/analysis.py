@@ -1,9 +1,11 @@
-"""The paper's feature analysis (Sec. 3.2, Fig. 2a-c) for any supported UNet pipeline.
+"""The paper's feature analysis (Sec. 3.2, Fig. 2a-c) for any supported pipeline.
 
-Forward hooks on every down block, the mid block and every up block record, at every sampling
-step, (a) the change from the previous step, ``Delta = |F_t - F_{t-1}|^2 / (d s^2)`` (Eq. 2, the
-mean squared difference per element), and (b) the Frobenius norm of the channel-averaged feature
-(Fig. 2b); (c) is the standard deviation of (b) across steps.
+Forward hooks on every down block, the mid block and every up block of a UNet (on every transformer
+block of a DiT, PixArt or MMDiT: their image stream) record, at every sampling step, (a) the change
+from the previous step, ``Delta = |F_t - F_{t-1}|^2 / (d s^2)`` (Eq. 2, the mean squared difference
+per element) and the same relative to the feature's own mean square (transformer blocks' scale
+grows with depth, so only the relative change compares blocks), and (b) the Frobenius norm of the
+channel-averaged feature (Fig. 2b); (c) is the standard deviation of (b) across steps.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import find_adapter
+from .adapters import call_defaults, find_adapter
 from .apply import is_applied
 
 
@@ -27,27 +29,37 @@ class BlockTrace:
     """One block's statistics over the sampling loop.
 
     Args:
-        name: ``down<i>``, ``mid`` or ``up<i>``.
+        name: ``down<i>``, ``mid`` or ``up<i>`` (UNet); ``block<i>`` (transformers).
         part: ``encoder``, ``bottleneck`` or ``decoder`` (the paper's E, B, D).
-        size: Spatial size of the block's output (the paper's ``s``).
+        size: Spatial size of the block's output (the paper's ``s``; tokens for a transformer).
         change: Eq. 2 between steps ``t-1`` and ``t``, for ``t = 1 .. L-1``.
+        relative_change: Eq. 2 divided by the mean square of ``F_t``.
         norms: Frobenius norm of the channel-averaged output at every step.
+        pick: Which item of a tuple output is the feature (UNet down blocks: 0, ``(hidden, skips)``;
+            MMDiT joint blocks: 1, ``(text, image)``).
     """
 
     name: str
     part: str
     size: int = 0
     change: list[float] = field(default_factory=list)
+    relative_change: list[float] = field(default_factory=list)
     norms: list[float] = field(default_factory=list)
+    pick: int = 0
     _previous: torch.Tensor | None = field(default=None, repr=False)
 
     def observe(self, output: Any) -> None:
-        h = output[0] if isinstance(output, tuple) else output  # down blocks return (hidden, skips)
-        h = h.detach().float()  # (B, C, s, s)
-        self.size = int(h.shape[-1])
+        h = output[self.pick] if isinstance(output, tuple) else output
+        h = h.detach().float()  # (B, C, s, s), or tokens (B, T, D)
+        tokens = h.dim() == 3
+        self.size = int(h.shape[1] if tokens else h.shape[-1])
         if self._previous is not None:
-            self.change.append(float((h - self._previous).pow(2).mean()))
-        self.norms.append(float(torch.linalg.matrix_norm(h.mean(1)).mean()))  # channel mean -> (B, s, s)
+            change = (h - self._previous).pow(2).mean()
+            self.change.append(float(change))
+            self.relative_change.append(float(change / h.pow(2).mean().clamp_min(1e-30)))
+        mean = h.mean(-1) if tokens else h.mean(1)  # channel mean: (B, T) or (B, s, s)
+        norm = mean.norm(dim=-1) if tokens else torch.linalg.matrix_norm(mean)
+        self.norms.append(float(norm.mean()))
         self._previous = h
 
     @property
@@ -75,9 +87,11 @@ class FeatureAnalysis:
             if not blocks:
                 continue
             changes = [c for b in blocks for c in b.change]
+            relative = [c for b in blocks for c in b.relative_change]
             iqr = [_iqr(b.norms) for b in blocks]
             out[part] = {
                 "mean_change": statistics.fmean(changes) if changes else 0.0,
+                "mean_relative_change": statistics.fmean(relative) if relative else 0.0,
                 "max_change": max(changes, default=0.0),
                 "mean_norm_iqr": statistics.fmean(iqr),
                 "mean_norm_std": statistics.fmean(b.norm_std for b in blocks),
@@ -102,6 +116,19 @@ def _iqr(values: Sequence[float]) -> float:
         return 0.0
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[2] - q[0]
+
+
+def transformer_blocks(adapter: Any, model: nn.Module) -> list[tuple[BlockTrace, nn.Module]]:
+    """Every transformer block in call order (MMDiT: the image stream), labelled encoder or decoder
+    by the adapter's current split."""
+    from .adapters.mmdit import blocks
+
+    encoder = {m.name for m in adapter.encoder_modules(model)}
+    pick = 1 if adapter.name in ("flux", "sd3") else 0
+    return [
+        (BlockTrace(f"block{i}", "encoder" if name in encoder else "decoder", pick=pick), b)
+        for i, (name, b) in enumerate(blocks(model))
+    ]
 
 
 def unet_blocks(model: nn.Module) -> list[tuple[BlockTrace, nn.Module]]:
@@ -129,8 +156,8 @@ def analyse_features(
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt.")
-    _, model = find_adapter(pipe)
-    blocks = unet_blocks(model)
+    adapter, model = find_adapter(pipe)
+    blocks = unet_blocks(model) if hasattr(model, "up_blocks") else transformer_blocks(adapter, model)
     handles = [m.register_forward_hook(lambda _m, _a, out, t=t: t.observe(out)) for t, m in blocks]
     try:
         pipe(
@@ -138,7 +165,7 @@ def analyse_features(
             num_inference_steps=num_inference_steps,
             generator=[torch.Generator().manual_seed(seed + i) for i in range(len(prompts))],
             output_type="latent",
-            **call_kwargs,
+            **{**call_defaults(pipe), **call_kwargs},
         )
     finally:
         for h in handles:

@@ -25,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
-from .adapters import find_adapter
+from .adapters import call_defaults, find_adapter
 from .apply import is_applied
 from .keysearch import OBJECTIVES, Candidate, FinalLatentError, local_search, paper_set, uniform_set
 from .keysteps import save_preset_file
@@ -235,7 +235,7 @@ def record_vanilla(
                 num_inference_steps=num_inference_steps,
                 generator=generator,
                 output_type="latent",
-                **call_kwargs,
+                **{**call_defaults(pipe), **call_kwargs},
             )
     finally:
         for h in handles:

@@ -50,6 +50,26 @@ def host_timestep(t) -> float | None:
     return None
 
 
+def by_name(bound: inspect.BoundArguments) -> tuple[tuple, dict]:
+    """``bound``'s arguments as a pipeline passes them: by name wherever the signature allows.
+    ``BoundArguments.args`` would hand positional-or-keyword parameters on by position, and a
+    forward wrapped by diffusers' ``apply_lora_scale`` (FLUX's) reads the LoRA scale only from its
+    keyword arguments: by position it is never seen, and the scale is lost."""
+    params = bound.signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values()):
+        return bound.args, bound.kwargs
+    args, kwargs = [], {}
+    for name, value in bound.arguments.items():
+        kind = params[name].kind
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            args.append(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
+
+
 class Phase(enum.Enum):
     """What the encoder module hooks do: run as usual, record their outputs, or replay them."""
 
@@ -340,7 +360,7 @@ class Engine:
         run.features = [None] * len(self.modules)
         run.phase = Phase.RECORD
         try:
-            reached = self.passes.encode(original, bound.args, bound.kwargs)
+            reached = self.passes.encode(original, *by_name(bound))
         finally:
             run.phase = Phase.IDLE
         if not reached:
@@ -467,7 +487,7 @@ class Engine:
         call = inspect.BoundArguments(bound.signature, args)
         run.phase, run.rows, run.batch_rows = Phase.REPLAY, None if same else src, rows_per_step
         try:
-            out = self.passes.decode(original, call.args, call.kwargs, fresh)
+            out = self.passes.decode(original, *by_name(call), fresh)
             local = self.passes.keep(self.adapter.get_sample(out))
         finally:
             run.phase, run.rows = Phase.IDLE, None

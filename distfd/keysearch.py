@@ -110,6 +110,7 @@ class FinalLatentError:
         self.calls = 0
 
     def latents(self, key_steps: Sequence[int]) -> torch.Tensor:
+        from .adapters import call_defaults
         from .apply import apply
         from .config import FasterDiffusionConfig
 
@@ -125,7 +126,7 @@ class FinalLatentError:
                 num_inference_steps=self.num_steps,
                 generator=[torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))],
                 output_type="latent",
-                **self.call_kwargs,
+                **{**call_defaults(self.pipe), **self.call_kwargs},
             ).images
         finally:
             handle.remove()

@@ -26,6 +26,8 @@ def _pyplot():
 
 
 def _label(b) -> str:
+    if b.name.startswith("block"):  # a transformer block: size is its token count
+        return f"{b.name} ({b.size} tok)"
     return f"{b.name} ({b.size}x{b.size})"
 
 
@@ -81,6 +83,20 @@ def plot_norm_std(analysis: FeatureAnalysis, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_relative_change(analysis: FeatureAnalysis, path: str | Path) -> Path:
+    """Each block's mean relative change between adjacent steps (Eq. 2 over the feature's mean
+    square): the measure that compares transformer blocks, whose scale grows with depth."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(analysis.blocks)), 4.2))
+    x = range(len(analysis.blocks))
+    means = [sum(b.relative_change) / max(1, len(b.relative_change)) for b in analysis.blocks]
+    ax.bar(x, means, color=[COLOURS[b.part] for b in analysis.blocks])
+    ax.set_xticks(list(x), [b.name for b in analysis.blocks], rotation=30, fontsize=8)
+    ax.set_ylabel("mean relative change between adjacent steps")
+    ax.set_title("Relative feature change per block (encoder / decoder colours: the current split)")
+    return _save(fig, path)
+
+
 def save_analysis_plots(analysis: FeatureAnalysis, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +104,7 @@ def save_analysis_plots(analysis: FeatureAnalysis, out_dir: str | Path) -> list[
         plot_change(analysis, out / "feature_change.png"),
         plot_norm_boxes(analysis, out / "feature_norm_box.png"),
         plot_norm_std(analysis, out / "feature_norm_std.png"),
+        plot_relative_change(analysis, out / "feature_relative_change.png"),
     ]
 
 

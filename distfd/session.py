@@ -78,12 +78,12 @@ def check_same_on_all_ranks(ctx: DistContext, values: dict[str, Any], what: str)
 
 
 def resolve_model(model: str | None) -> str:
-    """The path or hub id to load: ``model``, or the embedded model's folder when None."""
-    if model is not None:
-        return model
-    from .embedded import default_model_path
+    """The path or hub id to load: ``model``, or the embedded model's folder when None or an embedded
+    model's name (``embedded-mmdit``)."""
+    from .embedded import model_path
 
-    return str(default_model_path())
+    path = model_path(model)
+    return model if path is None else str(path)
 
 
 class Session:
@@ -91,7 +91,8 @@ class Session:
 
     Args:
         ctx: The ranks that share each image (``DistContext.from_env()``; world size 1 is fine).
-        model: A saved pipeline folder or hub id; None is the embedded model.
+        model: A saved pipeline folder or hub id, or an embedded model's name; None is the default
+            embedded model.
         scheduler: A name from :data:`distfd.samplers.SCHEDULERS`; None: flow-euler for a flow-matching
             model (FLUX, SD3), else ddim.
         dtype: 'fp32', 'fp16' or 'bf16'; None is fp16 on GPU, fp32 on CPU.
@@ -135,6 +136,9 @@ class Session:
         self._defaults: dict[int, tuple[Any, bool]] = {}  # steps -> (parsed default key steps, rescale)
         self.pipe = self._load(step_progress)
         self.facts = ModelFacts.from_pipeline(self.pipe)
+        from .adapters import call_defaults
+
+        self.call_defaults = call_defaults(self.pipe)  # the embedded MMDiT: its T5 sequence length
 
     def settings(self) -> dict[str, Any]:
         """What, besides the request, changes the image (in the manifest and the rank check)."""
@@ -323,7 +327,11 @@ class Session:
         req, many = reqs[0], len(reqs) > 1
         prompts = [r.prompt for r in reqs] if many else req.prompt
         kw: dict[str, Any] = dict(
-            prompt=prompts, num_inference_steps=req.steps, height=req.height, width=req.width
+            self.call_defaults,
+            prompt=prompts,
+            num_inference_steps=req.steps,
+            height=req.height,
+            width=req.width,
         )
         params = self.facts.call_params
         if params is None or "guidance_scale" in params:
@@ -378,13 +386,14 @@ def _hashable(value: Any) -> Any:
 
 
 def default_key_steps(model: str | None, scheduler: str, steps: int) -> tuple[str, bool]:
-    """(key steps, rescale) when a request gives none: on the embedded model (``model`` None) its
-    calibrated set for this scheduler and step count where one ships, else the paper's preset for the
-    scheduler (``sd-dpm-20`` for DPM-Solver++, ``sd-ddim-50`` otherwise) rescaled to ``steps``."""
-    if model is None:
-        from .embedded import calibrated_key_steps
+    """(key steps, rescale) when a request gives none: on an embedded model (``model`` None or a
+    name) its calibrated set for this scheduler and step count where one ships, else the paper's
+    preset for the scheduler (``sd-dpm-20`` for DPM-Solver++, ``sd-ddim-50`` otherwise) rescaled to
+    ``steps``."""
+    from .embedded import calibrated_key_steps, is_embedded
 
-        path = calibrated_key_steps("dpm" if scheduler == "dpm++" else scheduler, steps)
+    if is_embedded(model):
+        path = calibrated_key_steps("dpm" if scheduler == "dpm++" else scheduler, steps, model)
         if path:
             return str(path), False
     return ("sd-dpm-20" if scheduler.startswith("dpm") else "sd-ddim-50"), True

@@ -9,7 +9,8 @@ import torch
 
 import distfd
 from distfd import analysis, plots
-from tests import tiny
+from distfd.adapters import find_adapter
+from tests import tiny, tiny_mmdit
 
 STEPS = 6
 
@@ -41,7 +42,7 @@ def test_eq2_matches_a_direct_computation() -> None:
 
 def test_plots_and_json(result: analysis.FeatureAnalysis, tmp_path) -> None:
     paths = plots.save_analysis_plots(result, tmp_path)
-    assert len(paths) == 3
+    assert [p.name for p in paths][-1] == "feature_relative_change.png" and len(paths) == 4
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(result.to_json(tmp_path / "analysis.json").read_text())
@@ -58,3 +59,25 @@ def test_needs_vanilla_pipeline() -> None:
         handle.remove()
     with pytest.raises(ValueError, match="prompts"):
         analysis.analyse_features(pipe, [], 4)
+
+
+def test_transformer_blocks_trace_the_image_stream() -> None:
+    """An MMDiT: every joint block traced (its image stream, 64 tokens), parts from the adapter's split,
+    and the relative change equal to a direct computation on the recorded stream."""
+    pipe = tiny_mmdit.sd3(layers=4)
+    seen = []
+    hook = pipe.transformer.transformer_blocks[1].register_forward_hook(lambda m, a, out: seen.append(out[1]))
+    try:
+        result = analysis.analyse_features(
+            pipe, "a red cube", STEPS, guidance_scale=4.0, height=32, width=32, max_sequence_length=8
+        )
+    finally:
+        hook.remove()
+    assert [b.name for b in result.blocks] == ["block0", "block1", "block2", "block3"]
+    encoder = find_adapter(pipe)[0].encoder_modules(pipe.transformer)
+    n = sum(m.name.startswith("transformer_blocks.") for m in encoder)
+    assert [b.part for b in result.blocks] == ["encoder"] * n + ["decoder"] * (4 - n)
+    b = result.blocks[1]
+    assert b.size == 64 and len(b.relative_change) == STEPS - 1
+    direct = (seen[1] - seen[0]).pow(2).mean() / seen[1].pow(2).mean()
+    assert b.relative_change[0] == pytest.approx(float(direct), rel=1e-5)

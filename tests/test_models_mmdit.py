@@ -10,10 +10,13 @@ from diffusers import (
     FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxKontextPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
 )
 from torch.testing import assert_close
 
 import distfd
+from distfd.adapters import REGISTRY
 
 from .equivalence import apply_run, check_equivalences
 from .multirank import launch, load
@@ -51,7 +54,7 @@ def test_registry_and_sd3_split():
     pipe = sd3()
     with distfd.apply(pipe, distfd.FasterDiffusionConfig(key_steps=KEYS)) as handle:
         names = [(m.name, m.keep, m.part) for m in handle.engine.modules]
-    assert names == [  # default: 3 of 4 joint blocks; the last one (context-pre-only) decodes
+    assert names == [  # default: 5/6 of 4 joint blocks, 3; the last one (context-pre-only) decodes
         ("pos_embed", False, 1),
         ("context_embedder", False, 0),
         ("transformer_blocks.0", False, None),
@@ -59,6 +62,12 @@ def test_registry_and_sd3_split():
         ("transformer_blocks.2", True, None),
     ]
     assert "_diffusers_hook" not in vars(pipe.transformer.pos_embed)  # removed on leaving the block
+    # The families' defaults: SD3 the measured 5 of 6 (SD3.5-medium: 20 of 24), FLUX the paper's 18/28.
+    sd3_default, flux_default = (
+        REGISTRY[c].default_blocks for c in (SD3Transformer2DModel, FluxTransformer2DModel)
+    )
+    assert (sd3_default(6), sd3_default(24), sd3_default(2)) == (5, 20, 1)
+    assert (flux_default(57), flux_default(28)) == (37, 18)
 
 
 def test_flux_encoder_split_and_counts():
@@ -185,11 +194,11 @@ MULTI = [
         "sched": "flow-euler",
         "config": {"key_steps": KEYS, "encoder": "replicated"},
     },
-    {
-        "pipe": "tiny_mmdit.sd3",
-        "run": "tiny_mmdit.run_sd3",
+    {  # both placements for FLUX; SD3 with rank0 placement runs 2 ranks in test_models_mmdit_cli's service
+        "pipe": "tiny_mmdit.flux",
+        "run": "tiny_mmdit.run_flux",
         "sched": "flow-euler",
-        "config": {"key_steps": KEYS},
+        "config": {"key_steps": KEYS, "encoder": "replicated"},
     },
 ]
 
@@ -224,19 +233,55 @@ def test_flux_batch_keeps_position_ids_whole():
     assert not torch.allclose(out["parallel"][0], out["parallel"][1], atol=1e-3)
 
 
-def test_lora_on_the_transformer_and_its_scale():
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_on_the_transformer_and_its_scale(family):
     """A PEFT LoRA on the attention projections, scaled through joint_attention_kwargs, goes through
     every pass (all key steps reproduce vanilla with the scale; the scale changes the result)."""
     from peft import LoraConfig
 
-    pipe = sd3()
+    pipe, run = (sd3(), run_sd3) if family == "sd3" else (flux(), run_flux)
     pipe.transformer.add_adapter(
         LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
     )
 
     def call(scale):
-        return lambda p: run_sd3(p, joint_attention_kwargs={"scale": scale})
+        return lambda p: run(p, joint_attention_kwargs={"scale": scale})
 
     half = check_equivalences(pipe, call(0.5), STEPS, KEYS)
     full, _ = apply_run(pipe, call(1.0), key_steps=KEYS, mode="parallel")
     assert not torch.allclose(full, half["parallel"], atol=1e-4)
+
+
+def test_t5_sequence_length_from_the_tokenizer_reaches_every_call():
+    """The T5 tokenizer's model_max_length below the pipeline's default is what distfd's calls pass
+    (the embedded MMDiT reads 24 tokens): the harness's image equals the pipeline called with it and
+    differs from the pipeline's default padding; a tokenizer at 512 (real checkpoints) adds nothing."""
+    from distfd.adapters import call_defaults
+    from distfd.quality import harness
+
+    pipe = sd3()  # its T5 tokenizer: model_max_length 16
+    assert call_defaults(pipe) == {"max_sequence_length": 16}
+    setup = harness.Setup(
+        prompts=["a red cube"], num_steps=4, guidance_scale=4.0, call_kwargs={"height": 32, "width": 32}
+    )
+
+    def direct(**kw):
+        gen = torch.Generator().manual_seed(setup.seed)
+        return pipe(
+            "a red cube",
+            num_inference_steps=4,
+            guidance_scale=4.0,
+            height=32,
+            width=32,
+            generator=gen,
+            output_type="pt",
+            **kw,
+        ).images
+
+    ours, _ = harness.generate(pipe, setup)
+    assert torch.equal(ours, direct(max_sequence_length=16).float())
+    assert not torch.equal(ours, direct().float())
+    pipe.tokenizer_3.model_max_length = 512
+    assert call_defaults(pipe) == {}
+    flux_pipe = flux()
+    assert call_defaults(flux_pipe) == {"max_sequence_length": 16}  # FLUX's T5 is tokenizer_2

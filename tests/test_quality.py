@@ -300,3 +300,40 @@ def test_embedded_judge_reads_real_scenes() -> None:
     out = ev.score(real, prompts)
     assert out["adherence_all"] > 0.9
     assert ev.score(torch.roll(real, 6, -1), prompts)["fd_judge"] > out["fd_judge"]
+
+
+def test_diffusers_taylorseer_cache_on_sd3_runs_and_leaves_no_trace() -> None:
+    """The peer cache on an MMDiT: TaylorSeer skips transformer work (fewer FLOPs), changes the image,
+    is reset between loops (two calls agree) and is gone afterwards. FirstBlockCache cannot run on
+    SD3 in diffusers 0.42 and is reported unavailable by name."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests import tiny_mmdit
+
+    pipe = tiny_mmdit.sd3(layers=4)
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        with FlopCounterMode(display=False) as counter:
+            out = pipe(
+                "a red cube",
+                num_inference_steps=10,
+                height=32,
+                width=32,
+                max_sequence_length=8,
+                generator=gen,
+                output_type="latent",
+            )
+        return out.images, counter.get_total_flops()
+
+    base, base_flops = run()
+    with methods.activated(pipe, methods.parse_method("taylorseer-3")):
+        cached, cached_flops = run()
+        again, _ = run()
+    after, after_flops = run()
+    assert cached_flops < 0.9 * base_flops
+    assert not torch.equal(cached, base) and torch.equal(again, cached)
+    assert torch.equal(after, base) and after_flops == base_flops
+    with pytest.raises(methods.MethodUnavailable, match="context-pre-only"):
+        with methods.activated(pipe, methods.parse_method("fbcache-0.1")):
+            pass

@@ -1,4 +1,4 @@
-"""The key steps shipped for the embedded model are what their recorded ``distfd calibrate`` call gives.
+"""The key steps shipped for the embedded models are what their recorded ``distfd calibrate`` call gives.
 
 The call is re-run through the same code (CLI arguments, vanilla run, drift optimum, start sets, local
 search); to keep it cheap, the final-image objective is evaluated for real on the start sets and the
@@ -23,18 +23,23 @@ from distfd.embedded.scenes import sample_captions
 from distfd.keysteps import read_preset_file
 from distfd.quality.sources import load_embedded_pipeline
 
-SHIPPED = [("ddim", 50, 9), ("dpm", 20, 9)]
+SHIPPED = [(None, "ddim", 50, 9), (None, "dpm", 20, 9), ("embedded-mmdit", "flow-euler", 28, 11)]
 FULL = os.environ.get("DISTFD_FULL_RECALIBRATION") == "1"
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_embedded_pipeline()
+def pipes():
+    return {}
 
 
-@pytest.mark.parametrize(("scheduler", "steps", "budget"), SHIPPED)
-def test_shipped_key_steps_are_the_recorded_calibration(pipe, monkeypatch, scheduler, steps, budget) -> None:
-    path = calibrated_key_steps(scheduler, steps)
+@pytest.mark.parametrize(("model", "scheduler", "steps", "budget"), SHIPPED)
+def test_shipped_key_steps_are_the_recorded_calibration(
+    pipes, monkeypatch, model, scheduler, steps, budget
+) -> None:
+    if model not in pipes:
+        pipes[model] = load_embedded_pipeline(model or "embedded")
+    pipe = pipes[model]
+    path = calibrated_key_steps(scheduler, steps, model)
     assert path is not None and path.name == f"{scheduler}-{steps}.json"
     shipped = json.loads(path.read_text())
     preset = read_preset_file(path)
@@ -44,7 +49,7 @@ def test_shipped_key_steps_are_the_recorded_calibration(pipe, monkeypatch, sched
     assert argv[:2] == ["distfd", "calibrate"]
     args = build_parser().parse_args(argv[1:])
     args.no_progress = True
-    assert (args.scheduler, args.steps, args.budget, args.model) == (scheduler, steps, budget, None)
+    assert (args.scheduler, args.steps, args.budget, args.model) == (scheduler, steps, budget, model)
     recorded = {tuple(c["key_steps"]): c["value"] for c in shipped["candidates"]}
     real = {tuple(c["key_steps"]) for c in shipped["candidates"] if c["origin"] != "search"}
     real.add(tuple(shipped["key_steps"]))

@@ -84,4 +84,19 @@ def find_adapter(pipe) -> tuple[Adapter, object]:
     )
 
 
-__all__ = ["Adapter", "EncoderModule", "REGISTRY", "UNSUPPORTED", "find_adapter", "register", "supported"]
+def call_defaults(pipe) -> dict:
+    """The arguments every distfd call of ``pipe`` passes besides the request's
+    (:meth:`Adapter.call_defaults`: the embedded MMDiT's T5 sequence length)."""
+    return find_adapter(pipe)[0].call_defaults(pipe)
+
+
+__all__ = [
+    "Adapter",
+    "EncoderModule",
+    "REGISTRY",
+    "UNSUPPORTED",
+    "call_defaults",
+    "find_adapter",
+    "register",
+    "supported",
+]

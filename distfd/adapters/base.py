@@ -57,6 +57,11 @@ class Adapter:
         """The scheduler's timesteps as the pipeline passes them to the denoiser (FLUX: ``t / 1000``)."""
         return timesteps
 
+    def call_defaults(self, pipe: Any) -> dict[str, Any]:
+        """Pipeline-call arguments the model's own folder implies beyond the pipeline's defaults
+        (every distfd call of the pipeline passes them; a caller's value wins). None for most."""
+        return {}
+
     def check_call(self, call: dict[str, Any]) -> None:
         """Refuse, by name, a denoiser call this adapter cannot split (SD3 skip-layer guidance)."""
 

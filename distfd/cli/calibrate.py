@@ -19,7 +19,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..embedded import CALIBRATION_CAPTION_SEED
+from ..embedded import CALIBRATION_CAPTION_SEED, is_embedded
 from ..samplers import SCHEDULERS
 from .options import HelpFormatter
 
@@ -39,7 +39,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=HelpFormatter,
     )
-    c.add_argument("--model", default=None, help="diffusers pipeline path (default: the embedded model)")
+    c.add_argument(
+        "--model",
+        default=None,
+        help="diffusers pipeline path, or embedded-mmdit (default: the embedded tiny-shapes model)",
+    )
     c.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     c.add_argument("--steps", type=int, default=50)
     size = c.add_mutually_exclusive_group()
@@ -106,7 +110,7 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--target-speedup must be >= 1; got {args.target_speedup}.")
     if args.num_prompts < 1 or args.max_evals < 1:
         raise ValueError("--num-prompts and --max-evals must be >= 1.")
-    if args.model is not None and args.prompts is None:
+    if not is_embedded(args.model) and args.prompts is None:
         raise ValueError(
             "--model needs --prompts FILE (calibration prompts, one per line, not your test prompts)."
         )
@@ -129,12 +133,9 @@ def load(args: argparse.Namespace) -> Any:
     import torch
 
     from ..samplers import set_scheduler
+    from ..session import resolve_model
 
-    model = args.model
-    if model is None:
-        from ..embedded import default_model_path
-
-        model = str(default_model_path())
+    model = resolve_model(args.model)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     if dtype is None:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.float32

@@ -61,12 +61,23 @@ def check_output_file(path: Path) -> str:
 
 def check_model(model: str | None) -> Path | None:
     """A local pipeline folder (returned) or a hub id (None); anything else is refused."""
-    if model is None:
+    # An embedded model's name wins over a folder of that name here, as in Session (use ./NAME).
+    if model is None or ("/" not in model and model.startswith("embedded")):
         try:
-            from ..embedded import default_model_path
+            from ..embedded import MODELS, model_path
         except ImportError as e:  # a trimmed install
-            raise UsageError(f"no --model given and the embedded model is not installed ({e}).") from e
-        return default_model_path()
+            raise UsageError(f"the embedded models are not installed ({e}); give --model PATH.") from e
+        path = model_path(model)
+        if path is None:
+            raise UsageError(
+                f"--model {model} is not an embedded model; use one of {', '.join(MODELS)} "
+                f"(a folder of that name: --model ./{model})."
+            )
+        if not (path / "model_index.json").is_file():
+            raise UsageError(
+                f"--model {model}: the embedded model's folder {path} is missing; reinstall distfd."
+            )
+        return path
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -164,9 +175,11 @@ def vocabulary_warning(prompt: str, negative: str | None = None) -> str | None:
 
 
 def request_warning(model: str | None):
-    """What earns a request from someone else a warning (for :class:`distfd.intake.Intake`): on the
-    embedded model (``model`` None), a prompt it cannot read; None for any other model."""
-    if model is not None:
+    """What earns a request from someone else a warning (for :class:`distfd.intake.Intake`): on an
+    embedded model (``model`` None or a name), a prompt it cannot read; None for any other model."""
+    from ..embedded import is_embedded
+
+    if not is_embedded(model):
         return None
     return lambda req: vocabulary_warning(req.prompt, req.negative_prompt)
 

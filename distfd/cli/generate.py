@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import compiling, samplers
+from ..embedded import is_embedded
 from . import checks
 from .options import (
     HelpFormatter,
@@ -133,7 +134,7 @@ def _up_front(args) -> tuple[Any, Path | None]:
         checks.check_output_file(args.out)
     folder = checks.check_model(args.model)
     checks.check_device(args.device)
-    if args.model is None and args.prompts_file is None:
+    if is_embedded(args.model) and args.prompts_file is None:
         checks.warn_vocabulary(request.prompt, request.negative_prompt)
     if folder is None:  # a hub id: the model's checks run once it is loaded
         return request, None

@@ -109,7 +109,9 @@ def add_session_options(p: argparse.ArgumentParser) -> None:
     """The options fixed for a loaded pipeline (Session)."""
     g = p.add_argument_group("model and ranks")
     g.add_argument(
-        "--model", default=None, help="diffusers pipeline folder or hub id; default: the embedded model"
+        "--model",
+        default=None,
+        help="diffusers pipeline folder or hub id, or embedded-mmdit (the embedded MMDiT); default: the embedded tiny-shapes model",
     )
     g.add_argument(
         "--scheduler",

@@ -1,11 +1,13 @@
-"""The embedded default model: a tiny text-to-image pipeline shipped in the package.
+"""The embedded models: tiny text-to-image pipelines shipped in the package.
 
-``default_model_path()`` is a standard diffusers ``StableDiffusionPipeline``
-directory (32x32 images of coloured shapes, prompts such as
-``"a small red circle at the top left on a blue background"``) that loads
-offline; ``load_judge()`` returns the attribute classifier used to score
-samples from it; ``calibrated_key_steps()`` the key-step sets calibrated for it;
-``calibration_captions()`` the prompts they were calibrated on, apart from the evaluation captions.
+Two, trained on the same procedural scenes (32x32 images of coloured shapes, prompts such as
+``"a small red circle at the top left on a blue background"``), each loading offline by path:
+``tiny-shapes`` (the default: a ``StableDiffusionPipeline``, UNet, DDIM) and ``tiny-shapes-mmdit``
+(a ``StableDiffusion3Pipeline``: MMDiT transformer, flow matching), named on the command line as
+:data:`MODELS` gives (``--model embedded-mmdit``). ``model_path()`` resolves a name;
+``load_judge()`` returns the attribute classifier used to score samples from either;
+``calibrated_key_steps()`` the key-step sets calibrated for each; ``calibration_captions()`` the
+prompts they were calibrated on, apart from the evaluation captions.
 """
 
 from __future__ import annotations
@@ -25,22 +27,43 @@ CALIBRATION_CAPTION_SEED = 424243
 EVALUATION_CAPTIONS_APART = 200
 
 
+# --model names of the embedded models -> their folders under WEIGHTS_DIR; no --model is "embedded".
+MODELS = {"embedded": "tiny-shapes", "embedded-mmdit": "tiny-shapes-mmdit"}
+
+
 def default_model_path() -> Path:
     """Directory of the shipped tiny-shapes pipeline (``StableDiffusionPipeline.from_pretrained`` it)."""
     return WEIGHTS_DIR / "tiny-shapes"
 
 
-def calibrated_key_steps(scheduler: str, steps: int) -> Path | None:
-    """The shipped key-step preset calibrated for this model with ``scheduler`` and ``steps``, if any.
+def model_path(model: str | None) -> Path | None:
+    """The folder of the embedded model ``model`` names (None: the default, tiny-shapes), or None
+    when ``model`` is not one of :data:`MODELS` (a folder or hub id of the user's)."""
+    if model is None:
+        return default_model_path()
+    folder = MODELS.get(model)
+    return WEIGHTS_DIR / folder if folder else None
 
-    Shipped: ``ddim-50`` with the paper's budget (9 key steps) and ``dpm-20`` (DPM-Solver++) with 9
+
+def is_embedded(model: str | None) -> bool:
+    """Whether ``model`` (a ``--model`` value, None for none) names an embedded model."""
+    return model is None or model in MODELS
+
+
+def calibrated_key_steps(scheduler: str, steps: int, model: str | None = None) -> Path | None:
+    """The shipped key-step preset calibrated for the embedded ``model`` (None: tiny-shapes) with
+    ``scheduler`` and ``steps``, if any.
+
+    Shipped for tiny-shapes: ``ddim-50`` with the paper's budget (9 key steps) and ``dpm-20`` (DPM-Solver++) with 9
     (the paper's budget is 7; no set of 7 keeps the image on this model), chosen by ``distfd
     calibrate`` on the final image (the file records the command; the tests re-run it). On this
     model the paper's sets lose prompt adherence (they end early in the loop); see
-    docs/quality.md. The CLI uses these by default.
+    docs/quality.md. Shipped for tiny-shapes-mmdit: ``flow-euler-28`` with 11. The CLI uses these by
+    default.
     """
-    path = default_model_path() / "key_steps" / f"{scheduler}-{steps}.json"
-    return path if path.is_file() else None
+    folder = model_path(model)
+    path = folder / "key_steps" / f"{scheduler}-{steps}.json" if folder else None
+    return path if path is not None and path.is_file() else None
 
 
 def calibration_captions(
@@ -73,4 +96,13 @@ def load_judge() -> Judge:
     return _load(judge_path())
 
 
-__all__ = ["calibrated_key_steps", "calibration_captions", "default_model_path", "judge_path", "load_judge"]
+__all__ = [
+    "MODELS",
+    "calibrated_key_steps",
+    "calibration_captions",
+    "default_model_path",
+    "is_embedded",
+    "judge_path",
+    "load_judge",
+    "model_path",
+]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..adapters import find_adapter
+from ..adapters import call_defaults, find_adapter
 from ..autokey import calibrate
 from ..keysearch import PAPER_SETS, uniform_set
 from ..keysteps import resolve_key_steps
@@ -37,6 +37,8 @@ class Setup:
         budget: Key steps for ``auto`` (default: as many as the paper's set).
         calibration_prompts: Prompts ``auto`` calibrates on (keep them apart from ``prompts``).
         call_kwargs: Further pipeline arguments (``height``, ``width``, ...).
+        encoder_blocks: For transformers, the encoder's block count in every distfd configuration
+            (None: the adapter's default).
     """
 
     prompts: list[str]
@@ -47,6 +49,7 @@ class Setup:
     budget: int | None = None
     calibration_prompts: list[str] = field(default_factory=list)
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    encoder_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -95,8 +98,7 @@ def _call(pipe: Any, setup: Setup, prompts: Sequence[str], seeds: Sequence[int],
         num_inference_steps=setup.num_steps,
         guidance_scale=setup.guidance_scale,
         generator=[torch.Generator().manual_seed(s) for s in seeds],
-        **setup.call_kwargs,
-        **kw,
+        **{**call_defaults(pipe), **setup.call_kwargs, **kw},
     )
 
 
@@ -181,7 +183,7 @@ def evaluate(
         row = Row(method.name)
         try:
             keys = resolve_keys(pipe, method, setup, cache)
-            with activated(pipe, method, keys):
+            with activated(pipe, method, keys, setup.encoder_blocks):
                 flops = denoiser_flops(pipe, setup)
                 imgs, row.seconds_per_image = generate(pipe, setup)
         except MethodUnavailable as e:

@@ -11,6 +11,11 @@ Names:
                                      preset ``.json``; ``nonoise``
                                      turns prior noise injection off.
     ``deepcache-N``                  DeepCache (``DeepCacheSDHelper``), cache interval N, branch 0.
+    ``taylorseer-N``                 diffusers' TaylorSeer cache (transformers), cache interval N.
+    ``fbcache-T``                    diffusers' FirstBlockCache (transformers), threshold T.
+
+The diffusers caches are applied with ``diffusers.hooks`` directly (SD3's transformer has no
+``enable_cache``); the harness opens their cache context and resets their state at each loop's start.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from ..apply import apply
 from ..config import MODES, FasterDiffusionConfig
@@ -44,7 +51,7 @@ DEFAULT_METHODS = (
 
 GRAMMAR = (
     "vanilla | propagate|parallel[:paper|auto|auto-sigma|auto-final|even-K|uniform-K|<preset>|<file.json>]"
-    "[:nonoise] | deepcache-N"
+    "[:nonoise] | deepcache-N | taylorseer-N | fbcache-T"
 )
 # Calibrated key steps (distfd.calibrate): name -> (objective, drift weighting).
 AUTO = {"auto": ("drift", "uniform"), "auto-sigma": ("drift", "sigma"), "auto-final": ("final", "uniform")}
@@ -67,11 +74,12 @@ class MethodUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "vanilla" | "distfd" | "deepcache"
+    kind: str  # "vanilla" | "distfd" | "deepcache" | "taylorseer" | "fbcache"
     mode: str | None = None
     keys: str | None = None
     noise: bool = True
     interval: int | None = None
+    threshold: float | None = None
 
 
 def parse_method(name: str) -> Method:
@@ -83,6 +91,19 @@ def parse_method(name: str) -> Method:
         if not interval.isdigit() or int(interval) < 1:
             raise ValueError(f"bad configuration {name!r}: use deepcache-N with an integer N >= 1.")
         return Method(name, "deepcache", interval=int(interval))
+    if name.startswith("taylorseer-"):
+        interval = name.removeprefix("taylorseer-")
+        if not interval.isdigit() or int(interval) < 1:
+            raise ValueError(f"bad configuration {name!r}: use taylorseer-N with an integer N >= 1.")
+        return Method(name, "taylorseer", interval=int(interval))
+    if name.startswith("fbcache-"):
+        try:
+            threshold = float(name.removeprefix("fbcache-"))
+        except ValueError:
+            threshold = -1.0
+        if not 0 < threshold < float("inf"):
+            raise ValueError(f"bad configuration {name!r}: use fbcache-T with a threshold T > 0.")
+        return Method(name, "fbcache", threshold=threshold)
     mode, *rest = name.split(":")
     if mode not in MODES or len(rest) > 2:
         raise ValueError(f"unknown configuration {name!r}; use {GRAMMAR}.")
@@ -124,11 +145,81 @@ def deepcache_helper(pipe: Any) -> Any:
 
 
 @contextlib.contextmanager
-def activated(pipe: Any, method: Method, key_steps: Sequence[int] | str | None = None) -> Iterator[Any]:
+def diffusers_cache(pipe: Any, method: Method) -> Iterator[None]:
+    """diffusers' own step cache (TaylorSeer, FirstBlockCache) on the pipeline's transformer for the
+    block. The pipeline (SD3) sets no cache context, so a forward pre-hook opens one and resets the
+    cache's state whenever a new sampling loop starts (the timestep goes up)."""
+    from diffusers.hooks import (
+        FirstBlockCacheConfig,
+        HookRegistry,
+        TaylorSeerCacheConfig,
+        apply_first_block_cache,
+        apply_taylorseer_cache,
+    )
+    from diffusers.models.cache_utils import CacheMixin
+
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        raise MethodUnavailable(
+            f"{method.name} needs a transformer pipeline; {type(pipe).__name__} has none."
+        )
+    if isinstance(model, CacheMixin):
+        raise MethodUnavailable(
+            f"{type(model).__name__} has enable_cache and its pipeline sets the cache context; "
+            "this harness applies the hooks itself, for transformers without it (SD3)"
+        )
+    last = list(model.transformer_blocks)[-1]
+    if method.kind == "fbcache" and getattr(last, "context_pre_only", False):
+        raise MethodUnavailable(
+            "FirstBlockCache (diffusers 0.42) subtracts the last block's text stream, which SD3's "
+            "context-pre-only last joint block does not return (None): TypeError"
+        )
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
+
+    if method.kind == "fbcache":
+        hooks = (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK)
+        apply_first_block_cache(model, FirstBlockCacheConfig(threshold=method.threshold))
+    else:
+        hooks = (_TAYLORSEER_CACHE_HOOK,)
+        apply_taylorseer_cache(
+            model, TaylorSeerCacheConfig(cache_interval=method.interval, taylor_factors_dtype=torch.float32)
+        )
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    state: dict[str, Any] = {"t": None, "context": None}
+
+    def on_call(_module, args, kwargs):
+        t = float(kwargs["timestep"].flatten()[0])
+        if state["t"] is None or t > state["t"]:  # a new sampling loop
+            if state["context"] is not None:
+                state["context"].__exit__(None, None, None)
+            registry.reset_stateful_hooks()
+            state["context"] = CacheMixin.cache_context(model, "cond_uncond")
+            state["context"].__enter__()
+        state["t"] = t
+
+    handle = model.register_forward_pre_hook(on_call, with_kwargs=True)
+    try:
+        yield None
+    finally:
+        handle.remove()
+        if state["context"] is not None:
+            state["context"].__exit__(None, None, None)
+        for name in hooks:
+            registry.remove_hook(name, recurse=True)
+
+
+@contextlib.contextmanager
+def activated(
+    pipe: Any,
+    method: Method,
+    key_steps: Sequence[int] | str | None = None,
+    encoder_blocks: int | None = None,
+) -> Iterator[Any]:
     """Switch ``method`` on for the duration of the block; yields the distfd handle (or ``None``).
 
     ``key_steps`` is the resolved key-step spec for distfd methods (the harness maps ``paper`` and
-    ``auto`` to concrete sets).
+    ``auto`` to concrete sets); ``encoder_blocks`` their transformer split (None: the default).
     """
     if method.kind == "vanilla":
         yield None
@@ -138,9 +229,13 @@ def activated(pipe: Any, method: Method, key_steps: Sequence[int] | str | None =
             mode=method.mode,
             noise_alpha=0.003 if method.noise else 0.0,
             rescale_key_steps=True,
+            encoder_blocks=encoder_blocks,
         )
         with apply(pipe, config) as handle:
             yield handle
+    elif method.kind in ("taylorseer", "fbcache"):
+        with diffusers_cache(pipe, method):
+            yield None
     else:
         helper = deepcache_helper(pipe)
         helper.set_params(cache_interval=method.interval, cache_branch_id=0)

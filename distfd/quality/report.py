@@ -52,7 +52,7 @@ def markdown(rows: Sequence[Row], title: str, meta: Mapping[str, Any]) -> str:
     head = [
         "configuration",
         "key steps",
-        "UNet FLOPs speed-up",
+        "denoiser FLOPs speed-up",
         "s/img (CPU)",
         "PSNR vs vanilla",
         "SSIM vs vanilla",

@@ -13,12 +13,14 @@ from .evaluators import ClipFidEvaluator, SceneEvaluator
 
 logger = logging.getLogger("distfd")
 
-# The harness's names -> distfd.samplers names ("dpm" here is DPM-Solver++ multistep).
-SCHEDULERS = {"ddim": "ddim", "dpm": "dpm++"}
+# The harness's names -> distfd.samplers names ("dpm" here is DPM-Solver++ multistep; flow-euler is
+# for flow-matching models).
+SCHEDULERS = {"ddim": "ddim", "dpm": "dpm++", "flow-euler": "flow-euler"}
 
 
 def set_scheduler(pipe: Any, name: str) -> None:
-    """Swap in ``ddim`` or ``dpm`` (DPM-Solver++ multistep) built from the pipeline's own config."""
+    """Swap in ``ddim``, ``dpm`` (DPM-Solver++ multistep) or ``flow-euler``, built from the pipeline's
+    own config."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)}.")
     samplers.set_scheduler(pipe, SCHEDULERS[name])
@@ -60,12 +62,15 @@ def path_evaluator(
 # The embedded shapes model (distfd.embedded); imported only when used.
 
 
-def load_embedded_pipeline() -> Any:
+def load_embedded_pipeline(name: str = "embedded") -> Any:
+    """The embedded model ``name`` (``embedded``: tiny-shapes, ``embedded-mmdit``), in float32."""
     from diffusers import DiffusionPipeline
 
-    from ..embedded import default_model_path
+    from ..embedded import MODELS, model_path
 
-    pipe = DiffusionPipeline.from_pretrained(default_model_path(), local_files_only=True)
+    if name not in MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; use one of {', '.join(MODELS)}.")
+    pipe = DiffusionPipeline.from_pretrained(model_path(name), local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

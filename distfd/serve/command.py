@@ -202,8 +202,10 @@ def _listen(args):
 
 def _model_name(model: str | None) -> str:
     """What /health says of the model: a hub id, or a local folder's name only (no server paths)."""
-    if model is None:
-        return "embedded:tiny-shapes"
+    from ..embedded import MODELS
+
+    if model is None or model in MODELS:
+        return f"embedded:{MODELS[model or 'embedded']}"
     return Path(model).name if Path(model).expanduser().exists() else model
 
 
