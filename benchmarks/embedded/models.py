@@ -37,13 +37,14 @@ def make_vae() -> AutoencoderKL:
     )
 
 
-def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """A 2-layer, 64-wide CLIP text transformer sized to ``tokenizer``."""
+def make_text_encoder(tokenizer: CLIPTokenizer, width: int = TEXT_WIDTH, cls: type = CLIPTextModel):
+    """A 2-layer CLIP text transformer sized to ``tokenizer``, ``width`` wide (64), of class ``cls``
+    (``CLIPTextModelWithProjection`` for the MMDiT's encoders)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=4 * TEXT_WIDTH,
-        projection_dim=TEXT_WIDTH,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        projection_dim=width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
@@ -51,7 +52,7 @@ def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    return cls(config)
 
 
 def make_unet(width: int = 32, layers_per_block: int = 1) -> UNet2DConditionModel:

@@ -41,7 +41,6 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tok_models
 from tqdm.auto import tqdm
 from transformers import (
-    CLIPTextConfig,
     CLIPTextModelWithProjection,
     T5Config,
     T5EncoderModel,
@@ -51,6 +50,7 @@ from transformers import (
 from distfd.embedded import default_model_path
 from distfd.embedded.scenes import VOCABULARY, generate_scenes
 
+from .models import make_text_encoder
 from .tokenizer import build_tokenizer, save_tokenizer
 from .train_pipeline import _ema_update, _lr_lambda, encode_latents
 
@@ -75,23 +75,6 @@ def t5_tokenizer(max_length: int = MAX_LENGTH) -> T5TokenizerFast:
         unk_token="<unk>",
         model_max_length=max_length,
         extra_ids=0,
-    )
-
-
-def clip_encoder(tokenizer, width: int) -> CLIPTextModelWithProjection:
-    return CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=width,
-            intermediate_size=4 * width,
-            projection_dim=width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
     )
 
 
@@ -138,9 +121,9 @@ def make_pipeline(vae: AutoencoderKL, args: argparse.Namespace) -> StableDiffusi
         transformer=make_transformer(args.layers, args.heads),
         scheduler=make_scheduler(args.shift),
         vae=vae,
-        text_encoder=clip_encoder(tok, CLIP_WIDTHS[0]),
+        text_encoder=make_text_encoder(tok, CLIP_WIDTHS[0], CLIPTextModelWithProjection),
         tokenizer=tok,
-        text_encoder_2=clip_encoder(tok, CLIP_WIDTHS[1]),
+        text_encoder_2=make_text_encoder(tok, CLIP_WIDTHS[1], CLIPTextModelWithProjection),
         tokenizer_2=copy.deepcopy(tok),
         text_encoder_3=t5_encoder(tok3),
         tokenizer_3=tok3,
