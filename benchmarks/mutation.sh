@@ -44,7 +44,8 @@ for module in "${modules[@]}"; do
     echo "[mutmut]"
     echo "source_paths=distfd/"
     echo "only_mutate=$module"
-    echo "pytest_add_cli_args_test_selection=${tests// /,}"
+    echo "pytest_add_cli_args_test_selection="  # one test file per line: mutmut reads a list
+    for t in $tests; do echo "    $t"; done
     echo "also_copy=tests/"
   } > "$work/setup.cfg"
   name=$(echo "$module" | tr '/' '-')
