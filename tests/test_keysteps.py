@@ -165,3 +165,16 @@ def test_an_interrupted_run_does_not_leak_into_the_next_call():
     pipe.scheduler = tiny.scheduler("ddim")  # swapped mid-run: detected at the next denoiser call
     torch.testing.assert_close(tiny.run(pipe), reference, rtol=0, atol=0)
     assert handle.engine.run is None  # dropped after the last update
+
+
+@pytest.mark.parametrize(
+    "text,is_file",
+    [("auto", False), (" auto ", False), ("sd-ddim-50", False), ("uniform-5", False), ("0,1,5", False),
+     ("9" * 5000, False), ("", False), ("my.json", True), ("./x", True), ("AUTO", True)],
+)  # fmt: skip
+def test_names_a_file_only_for_what_no_other_form_reads(text, is_file):
+    """Which key-step texts are read from a file (and so refused from someone else): not 'auto', a
+    preset name, 'uniform-K', a list, nor an index too long to be one; anything else, 'AUTO' too."""
+    from distfd.keysteps import names_a_file
+
+    assert names_a_file(text) is is_file
