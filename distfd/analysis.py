@@ -121,10 +121,10 @@ def _iqr(values: Sequence[float]) -> float:
 def transformer_blocks(adapter: Any, model: nn.Module) -> list[tuple[BlockTrace, nn.Module]]:
     """Every transformer block in call order (MMDiT: the image stream), labelled encoder or decoder
     by the adapter's current split."""
-    from .adapters.mmdit import blocks
+    from .adapters.mmdit import IMAGE, MMDiTAdapter, blocks
 
     encoder = {m.name for m in adapter.encoder_modules(model)}
-    pick = 1 if adapter.name in ("flux", "sd3") else 0
+    pick = IMAGE if isinstance(adapter, MMDiTAdapter) else 0  # joint blocks hand on (text, image)
     return [
         (BlockTrace(f"block{i}", "encoder" if name in encoder else "decoder", pick=pick), b)
         for i, (name, b) in enumerate(blocks(model))

@@ -11,7 +11,6 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
 from . import tiny
@@ -22,18 +21,9 @@ T5_DIM = 32
 
 def t5_tokenizer(max_len: int = 16) -> T5TokenizerFast:
     """A T5 tokenizer without sentencepiece: a unigram model over printable characters."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [(chr(i), -1.0) for i in range(33, 127)] + [("\u2581", -1.0)]
-    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    return T5TokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=max_len,
-        extra_ids=0,
-    )
+    from benchmarks.embedded.train_mmdit import t5_tokenizer as build
+
+    return build(max_len, words=())
 
 
 def t5_encoder() -> T5EncoderModel:

@@ -61,10 +61,11 @@ CLIP_WIDTHS = (64, 32)  # text_encoder, text_encoder_2 (SD3: CLIP-L 768, CLIP-G 
 T5_WIDTH = 96  # >= the CLIP widths together: SD3 pads the CLIP features to T5's width
 
 
-def t5_tokenizer(max_length: int = MAX_LENGTH) -> T5TokenizerFast:
-    """A T5 tokenizer without sentencepiece: one unigram piece per scene word, characters otherwise."""
+def t5_tokenizer(max_length: int = MAX_LENGTH, words=VOCABULARY) -> T5TokenizerFast:
+    """A T5 tokenizer without sentencepiece: one unigram piece per word of ``words`` (the scene
+    vocabulary), printable characters otherwise."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    pieces += [("\u2581" + w, -1.0) for w in VOCABULARY]
+    pieces += [("\u2581" + w, -1.0) for w in words]
     pieces += [(chr(i), -8.0) for i in range(33, 127)] + [("\u2581", -8.0)]
     tok = Tokenizer(tok_models.Unigram(pieces, unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
