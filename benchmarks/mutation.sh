@@ -3,6 +3,10 @@
 #
 #   bash benchmarks/mutation.sh                      # every module of the core, with its tests
 #   bash benchmarks/mutation.sh distfd/keysteps.py   # the modules named
+#   MUTANTS="distfd.keysteps.x_save_preset_file__mutmut_4 ..." bash benchmarks/mutation.sh distfd/keysteps.py
+#                                                    # only these mutants (after new tests), the
+#                                                    # outcome appended to the module's report
+#   REV=abc1234 bash benchmarks/mutation.sh ...      # the sources and tests of another commit
 #
 # mutmut (PyPI) because it needs no configuration of the project itself: it copies the sources into
 # mutants/ of a scratch folder, switches mutants on one at a time through trampolines, and runs only
@@ -11,26 +15,30 @@
 # HEAD (git archive), so the working tree is never touched. Writes, per module,
 # benchmarks/results/mutation/<module>.txt: every mutant that was not killed (survived, timed out,
 # or reached by no test), and the counts. Run it again whenever a module of the core changes, and
-# commit the reports before and after the tests that kill what survived.
+# commit the reports before and after the tests that kill what survived. The tests listed per module
+# are the in-process ones that reach it: mutmut maps tests to functions by tracing this process, so
+# a test whose work happens in a spawned rank reaches no mutant (and would only cost time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$ROOT/benchmarks/results/mutation
 CHILDREN=${MUTMUT_CHILDREN:-2}
+REV=$(git rev-parse --short "${REV:-HEAD}")
 python -c "import mutmut" 2>/dev/null || python -m pip install -q "mutmut==3.8.1"
 
 # module -> the test files that cover it
 declare -A TESTS=(
   [distfd/keysteps.py]="tests/test_keysteps.py tests/test_intake.py"
-  [distfd/intake.py]="tests/test_intake.py tests/test_fuzz_requests.py"
-  [distfd/limits.py]="tests/test_intake.py"
-  [distfd/request.py]="tests/test_intake.py tests/test_cli.py"
+  [distfd/intake.py]="tests/test_intake.py"
+  [distfd/limits.py]="tests/test_intake.py tests/test_session_bounds.py"
+  [distfd/request.py]="tests/test_intake.py tests/test_config.py tests/test_cli_effects.py"
   [distfd/engine.py]="tests/test_core.py tests/test_models_dit.py"
   [distfd/hooks.py]="tests/test_core.py tests/test_layers.py"
   [distfd/passes.py]="tests/test_core.py tests/test_compile.py"
-  [distfd/session.py]="tests/test_session_bounds.py tests/test_cli.py"
+  [distfd/session.py]="tests/test_session_bounds.py tests/test_cli_effects.py"
   [distfd/pool/coordinator.py]="tests/test_serve_mechanics.py"
   [distfd/cli/batch.py]="tests/test_cli_batch.py tests/test_batch_output.py"
+  [distfd/cli/generate.py]="tests/test_cli_effects.py tests/test_cli.py"
 )
 modules=("$@")
 [[ ${#modules[@]} -gt 0 ]] || modules=("${!TESTS[@]}")
@@ -39,7 +47,7 @@ for module in "${modules[@]}"; do
   tests=${TESTS[$module]:-}
   [[ -n $tests ]] || { echo "no tests listed for $module; add it to TESTS" >&2; exit 2; }
   work=$(mktemp -d)
-  git archive HEAD | tar -x -C "$work"
+  git archive "$REV" | tar -x -C "$work"
   {
     echo "[mutmut]"
     echo "source_paths=distfd/"
@@ -50,13 +58,26 @@ for module in "${modules[@]}"; do
   } > "$work/setup.cfg"
   name=$(echo "$module" | tr '/' '-')
   echo "== $module ($tests)"
-  (cd "$work" && PYTHONPATH=$work mutmut run --max-children "$CHILDREN" > "$work/run.log" 2>&1 || true)
-  {
-    echo "# mutmut 3.8.1 on $module with: $tests  (HEAD $(git rev-parse --short HEAD), $(date -u +%F))"
-    (cd "$work" && PYTHONPATH=$work mutmut export-cicd-stats >/dev/null 2>&1 && cat mutants/mutmut-cicd-stats.json) || true
-    echo
-    (cd "$work" && PYTHONPATH=$work mutmut results)
-  } > "$OUT/$name.txt"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # MUTANTS: names (or globs), one word each
+  (cd "$work" && PYTHONPATH=$work mutmut run --max-children "$CHILDREN" ${MUTANTS:-} > "$work/run.log" 2>&1 || true)
+  took=$(( $(date +%s) - start ))
+  header="# mutmut 3.8.1 on $module with: $tests  (commit $REV, $(date -u +%F), ${took}s, $CHILDREN children)"
+  if [[ -n ${MUTANTS:-} ]]; then
+    {
+      echo
+      echo "# re-run of: $MUTANTS"
+      echo "$header"
+      (cd "$work" && PYTHONPATH=$work mutmut results --all true | grep -F -f <(tr ' ' '\n' <<< "$MUTANTS" | sed 's/\*.*//'))
+    } >> "$OUT/$name.txt"
+  else
+    {
+      echo "$header"
+      (cd "$work" && PYTHONPATH=$work mutmut export-cicd-stats >/dev/null 2>&1 && cat mutants/mutmut-cicd-stats.json) || true
+      echo
+      (cd "$work" && PYTHONPATH=$work mutmut results)
+    } > "$OUT/$name.txt"
+  fi
   echo "wrote $OUT/$name.txt"
   rm -rf "$work"
 done

@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet3DConditionModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet3DConditionModel,
+)
 from torch import nn
 from torch.utils import _pytree as pytree
 
@@ -45,13 +51,29 @@ def denoiser(pipe) -> nn.Module:
 def encoder_modules(pipe, encoder_blocks: int | None = None) -> dict[str, nn.Module]:
     """The encoder of each family, in call order (UNet: conv_in, down blocks, mid block; the video
     UNet's temporal ``transformer_in`` too; DiT/PixArt: the patch embedding and the first
-    ``encoder_blocks`` transformer blocks)."""
+    ``encoder_blocks`` transformer blocks; SD3 and FLUX: the image and text embeddings and the first
+    ``encoder_blocks`` blocks, FLUX's double blocks before its single ones)."""
     model = denoiser(pipe)
+    transformers = (
+        DiTTransformer2DModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        FluxTransformer2DModel,
+    )
+    if isinstance(model, transformers) and encoder_blocks is None:
+        raise ValueError("give encoder_blocks for a transformer (the reference does not guess it)")
     if isinstance(model, DiTTransformer2DModel | PixArtTransformer2DModel):
-        if encoder_blocks is None:
-            raise ValueError("give encoder_blocks for a transformer (the reference does not guess it)")
         blocks = {f"transformer_blocks.{i}": model.transformer_blocks[i] for i in range(encoder_blocks)}
         return {"pos_embed": model.pos_embed, **blocks}
+    if isinstance(model, SD3Transformer2DModel | FluxTransformer2DModel):
+        image = "pos_embed" if isinstance(model, SD3Transformer2DModel) else "x_embedder"
+        blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(model.transformer_blocks)]
+        blocks += [
+            (f"single_transformer_blocks.{i}", b)
+            for i, b in enumerate(getattr(model, "single_transformer_blocks", ()))
+        ]
+        embeddings = {image: getattr(model, image), "context_embedder": model.context_embedder}
+        return {**embeddings, **dict(blocks[:encoder_blocks])}
     mods = {"conv_in": model.conv_in}
     if isinstance(model, UNet3DConditionModel):
         mods["transformer_in"] = model.transformer_in

@@ -191,3 +191,26 @@ def test_keysets_exhaustive_smoke(tmp_path: Path) -> None:
     assert all(n["value"] >= best[0]["value"] for n in result["stage1"]["named"].values())
     ranking = result["stage2"]["ranking"]
     assert all(a["value"] <= b["value"] for a, b in zip(ranking, ranking[1:], strict=False))
+
+
+def test_every_named_defect_still_applies_and_its_tests_exist(tmp_path: Path) -> None:
+    """benchmarks/defects.py: each defect's edit applies to today's source (its text found exactly
+    once) and changes it, and every test file it names exists; a stale edit would stop the script."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import defects
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert len({d.name for d in defects.DEFECTS}) == len(defects.DEFECTS)
+    for d in defects.DEFECTS:
+        copy = tmp_path / d.name / d.path
+        copy.parent.mkdir(parents=True)
+        copy.write_text((ROOT / d.path).read_text())
+        d.apply(tmp_path / d.name)
+        assert copy.read_text() != (ROOT / d.path).read_text(), d.name
+        compile(copy.read_text(), str(copy), "exec")  # the defect is a program, not a syntax error
+        assert all((ROOT / t.split("::")[0]).is_file() for t in d.tests), d.tests
+    # A defect whose text has gone from the source is refused, naming it.
+    stale = defects.Defect("stale", "-", defects.DEFECTS[0].path, "no such text", "x", ())
+    with pytest.raises(ValueError, match="stale: the edit's text occurs 0 times"):
+        stale.apply(tmp_path / defects.DEFECTS[0].name)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import distfd
 from distfd.keysteps import KeySteps, save_preset_file
+from distfd.request import ImageRequest
 
 from . import tiny
 
@@ -106,8 +108,32 @@ def test_save_preset_file_round_trip(tmp_path):
     assert parsed.indices == (0, 4, 8) and parsed.built_for == 12
     assert distfd.resolve_key_steps(str(path), 12) == (0, 4, 8)
     assert distfd.FasterDiffusionConfig(key_steps=str(path)).key_steps == parsed  # built_for kept
-    with pytest.raises(ValueError, match="lacks index 0"):
+    with pytest.raises(ValueError, match=r"key_steps in preset file \S*bad.json \[4, 8\] lacks index 0"):
         save_preset_file(tmp_path / "bad.json", 12, [4, 8])
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_saving_a_shipped_preset_writes_it_again_byte_for_byte(tmp_path):
+    """The files ``distfd calibrate`` writes are the shipped ones' layout (two-space indent, one
+    field per line, a final newline), so a recalibration's diff shows what changed."""
+    shipped = sorted(Path(distfd.__file__).parent.glob("embedded/weights/*/key_steps/*.json"))
+    assert len(shipped) >= 3, shipped
+    for n, path in enumerate(shipped):
+        data = json.loads(path.read_text())
+        again = save_preset_file(tmp_path / f"{n}.json", data.pop("num_steps"), data.pop("key_steps"), **data)
+        assert again.read_bytes() == path.read_bytes(), path
+
+
+def test_resolve_key_steps_passes_on_the_loop_length_and_the_rescale_choice():
+    """``resolve_key_steps`` is ``KeySteps.parse(...).resolve(...)``: no rescale unless asked, and the
+    loop length (PNDM's loop is one call longer) reaches the range check."""
+    with pytest.raises(ValueError, match="built for 50 steps"):
+        distfd.resolve_key_steps("sd-ddim-50", 25)
+    assert distfd.resolve_key_steps("sd-ddim-50", 25, allow_rescale=True) == (0, 1, 2, 5, 8, 12, 18)
+    assert distfd.resolve_key_steps("sd-ddim-50", 25, None, True) == (0, 1, 2, 5, 8, 12, 18)
+    assert distfd.resolve_key_steps([0, 10], 10, loop_length=11) == (0, 10)
+    with pytest.raises(ValueError, match="out of range for a sampling loop of 10"):
+        distfd.resolve_key_steps([0, 10], 10)
 
 
 @pytest.mark.parametrize(
@@ -178,3 +204,15 @@ def test_names_a_file_only_for_what_no_other_form_reads(text, is_file):
     from distfd.keysteps import names_a_file
 
     assert names_a_file(text) is is_file
+
+
+def test_key_steps_as_a_request_reports_them(tmp_path):
+    """A request's JSON (batch manifests, logs) shows the indices a preset or file stands for and
+    where they came from; a plain list is shown as the list, ``uniform-K`` as written."""
+    path = save_preset_file(tmp_path / "k.json", 12, [0, 4, 8])
+    assert KeySteps.parse(str(path)).describe() == f"[0, 4, 8] ({path})"
+    assert KeySteps.parse("sd-ddim-50").describe() == "[0, 1, 2, 3, 5, 10, 15, 25, 35] (sd-ddim-50)"
+    assert KeySteps.parse("0,2").describe() == KeySteps.parse([0, 2]).describe() == "[0, 2]"
+    assert KeySteps.parse("uniform-3").describe() == "uniform-3"
+    req = ImageRequest(prompt="a red circle", key_steps=KeySteps.parse(str(path)))
+    assert req.to_dict()["key_steps"] == f"[0, 4, 8] ({path})"

@@ -20,6 +20,7 @@ from distfd.adapters import REGISTRY
 
 from .equivalence import apply_run, check_equivalences
 from .multirank import launch, load
+from .reference import check_against_reference
 from .tiny_mmdit import flux, run_flux, run_sd3, sd3
 
 STEPS, KEYS = 6, [0, 1, 3]
@@ -45,6 +46,7 @@ def test_flux_img2img_starts_part_way():
         return run_flux(p, image=image, strength=0.7, steps=8)
 
     check_equivalences(pipe, call, 6, KEYS)
+    check_against_reference(pipe, call, KEYS, encoder_blocks=3)
 
 
 def test_registry_and_sd3_split():
@@ -285,3 +287,11 @@ def test_t5_sequence_length_from_the_tokenizer_reaches_every_call():
     assert call_defaults(pipe) == {}
     flux_pipe = flux()
     assert call_defaults(flux_pipe) == {"max_sequence_length": 16}  # FLUX's T5 is tokenizer_2
+
+
+@pytest.mark.parametrize(("family", "blocks"), [("sd3", 3), ("sd3", 1), ("flux", 3), ("flux", 1)])
+def test_matches_reference_and_encoder_computes_at_key_steps_only(family, blocks):
+    """Both distfd modes against tests/reference.py (hooks of its own, noise injection on); the
+    image and text embeddings and every encoder block compute at the key steps and nowhere else."""
+    pipe, call = (sd3(), run_sd3) if family == "sd3" else (flux(), run_flux)
+    check_against_reference(pipe, call, KEYS, encoder_blocks=blocks)

@@ -518,6 +518,27 @@ def test_heartbeat_and_queue_bounds():
         Coordinator(links, SizePolicy(1, 1), queue_size=0, timeout_s=30)
 
 
+def test_a_silent_idle_rank_is_lost_within_the_timeout(caplog):
+    """A rank that is alive but answers no heartbeat (hung: its link stays open) is lost once it has
+    been silent for ``timeout_s``: the service fails (503 to all) within the timeout plus one
+    heartbeat tick, never before the timeout, and ``run`` returns 1 after its linger."""
+    timeout_s = 2.0
+    links, silent = connect(DistContext.single())  # the worker's end: never read, never answered
+    coordinator = Coordinator(links, SizePolicy(1, 1), queue_size=2, timeout_s=timeout_s)
+    codes: list[int] = []
+    with caplog.at_level("ERROR", logger="distfd"):
+        start = time.monotonic()
+        thread = threading.Thread(target=lambda: codes.append(coordinator.run()), daemon=True)
+        thread.start()
+        wait_for(lambda: coordinator.state == "failed")
+        took = time.monotonic() - start
+        thread.join(WAIT_S)
+    silent.close()
+    assert timeout_s <= took < timeout_s + tick_seconds(timeout_s) + 0.5, took
+    assert codes == [1]
+    assert "rank 0 has not answered for 2s (--timeout)" in caplog.text
+
+
 def test_serve_refuses_bad_options_before_loading(monkeypatch, capsys, tmp_path):
     import importlib.util
 
