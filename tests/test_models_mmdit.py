@@ -233,12 +233,14 @@ def test_flux_batch_keeps_position_ids_whole():
     out = check_equivalences(flux(), call, STEPS, KEYS)
     assert out["parallel"].shape[0] == 2
     assert not torch.allclose(out["parallel"][0], out["parallel"][1], atol=1e-3)
+    check_against_reference(flux(), call, KEYS, encoder_blocks=3)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_lora_on_the_transformer_and_its_scale(family):
     """A PEFT LoRA on the attention projections, scaled through joint_attention_kwargs, goes through
-    every pass (all key steps reproduce vanilla with the scale; the scale changes the result)."""
+    every pass (all key steps reproduce vanilla with the scale, both modes equal tests/reference.py
+    with it; the scale changes the result)."""
     from peft import LoraConfig
 
     pipe, run = (sd3(), run_sd3) if family == "sd3" else (flux(), run_flux)
@@ -250,6 +252,7 @@ def test_lora_on_the_transformer_and_its_scale(family):
         return lambda p: run(p, joint_attention_kwargs={"scale": scale})
 
     half = check_equivalences(pipe, call(0.5), STEPS, KEYS)
+    check_against_reference(pipe, call(0.5), KEYS, encoder_blocks=3)
     full, _ = apply_run(pipe, call(1.0), key_steps=KEYS, mode="parallel")
     assert not torch.allclose(full, half["parallel"], atol=1e-4)
 
