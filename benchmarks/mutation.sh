@@ -31,11 +31,11 @@ declare -A TESTS=(
   [distfd/keysteps.py]="tests/test_keysteps.py tests/test_intake.py"
   [distfd/intake.py]="tests/test_intake.py"
   [distfd/limits.py]="tests/test_intake.py tests/test_session_bounds.py"
-  [distfd/request.py]="tests/test_intake.py tests/test_config.py tests/test_cli_effects.py"
+  [distfd/request.py]="tests/test_intake.py tests/test_config.py"
   [distfd/engine.py]="tests/test_core.py tests/test_models_dit.py"
   [distfd/hooks.py]="tests/test_core.py tests/test_layers.py"
   [distfd/passes.py]="tests/test_core.py tests/test_compile.py"
-  [distfd/session.py]="tests/test_session_bounds.py tests/test_cli_effects.py"
+  [distfd/session.py]="tests/test_session_bounds.py"
   [distfd/pool/coordinator.py]="tests/test_serve_mechanics.py"
   [distfd/cli/batch.py]="tests/test_cli_batch.py tests/test_batch_output.py"
   [distfd/cli/generate.py]="tests/test_cli_effects.py tests/test_cli.py"
@@ -60,22 +60,27 @@ for module in "${modules[@]}"; do
   echo "== $module ($tests)"
   start=$(date +%s)
   # shellcheck disable=SC2086  # MUTANTS: names (or globs), one word each
-  (cd "$work" && PYTHONPATH=$work mutmut run --max-children "$CHILDREN" ${MUTANTS:-} > "$work/run.log" 2>&1 || true)
+  (cd "$work" && PYTHONPATH=$work python -m mutmut run --max-children "$CHILDREN" ${MUTANTS:-} > "$work/run.log" 2>&1 || true)
   took=$(( $(date +%s) - start ))
+  if ! grep -q "killed\|survived\|🎉\|🙁" "$work/run.log" || grep -q "failed to collect stats" "$work/run.log"; then
+    tail -40 "$work/run.log" >&2
+    echo "mutmut did not run the tests of $module (above); no report written" >&2
+    exit 1
+  fi
   header="# mutmut 3.8.1 on $module with: $tests  (commit $REV, $(date -u +%F), ${took}s, $CHILDREN children)"
   if [[ -n ${MUTANTS:-} ]]; then
     {
       echo
       echo "# re-run of: $MUTANTS"
       echo "$header"
-      (cd "$work" && PYTHONPATH=$work mutmut results --all true | grep -F -f <(tr ' ' '\n' <<< "$MUTANTS" | sed 's/\*.*//'))
+      (cd "$work" && PYTHONPATH=$work python -m mutmut results --all true | grep -F -f <(tr ' ' '\n' <<< "$MUTANTS" | sed 's/\*.*//'))
     } >> "$OUT/$name.txt"
   else
     {
       echo "$header"
-      (cd "$work" && PYTHONPATH=$work mutmut export-cicd-stats >/dev/null 2>&1 && cat mutants/mutmut-cicd-stats.json) || true
+      (cd "$work" && PYTHONPATH=$work python -m mutmut export-cicd-stats >/dev/null 2>&1 && cat mutants/mutmut-cicd-stats.json) || true
       echo
-      (cd "$work" && PYTHONPATH=$work mutmut results)
+      (cd "$work" && PYTHONPATH=$work python -m mutmut results)
     } > "$OUT/$name.txt"
   fi
   echo "wrote $OUT/$name.txt"

@@ -209,7 +209,7 @@ class KeySteps:
         bad = [k for k in steps if k >= loop_length]
         if bad:
             raise ValueError(
-                f"key steps {bad} are out of range for a sampling loop of {loop_length} steps "
+                f"key_steps {bad} are out of range for a sampling loop of {loop_length} steps "
                 f"(valid: 0..{loop_length - 1})."
             )
         return steps

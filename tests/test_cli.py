@@ -61,7 +61,7 @@ SAME_RULES = [
     (
         ["--key-steps", "0,9"],
         {"key_steps": [0, 9]},
-        "key steps [9] are out of range for a sampling loop of 6",
+        "key_steps [9] are out of range for a sampling loop of 6",
     ),
     (["--mode", "off", "--key-steps", "0,2"], {"mode": "off", "key_steps": [0, 2]}, "with mode 'off'"),
     (["--height", "44"], {"height": 44}, "height 44 is not a multiple of 8"),

@@ -63,7 +63,7 @@ def test_batch_lines_defaults_bad_lines_and_same_pixels_as_generate(model_dir, t
     assert f"{prompts}:4: seed must be an integer" in text
     assert f"{prompts}:5: unknown field(s) 'sead'" in text
     assert f"{prompts}:6: not valid JSON" in text
-    assert f"{prompts}:9: key steps [9] are out of range" in text
+    assert f"{prompts}:9: key_steps [9] are out of range" in text
     assert f"{prompts}:10: guidance_scale must be finite; got a 401-digit number" in text
     assert f"{prompts}:11: field 'seed' is given more than once" in text
     assert "3 image(s)" in text and "6 bad line(s)" in text
@@ -79,7 +79,7 @@ def test_batch_lines_defaults_bad_lines_and_same_pixels_as_generate(model_dir, t
     assert main([*argv, "--out-dir", str(out_dir)]) == 1
     text = capsys.readouterr().err
     assert "nothing left to make: 3 image(s)" in text and "not loading the model" in text
-    assert f"{prompts}:9: key steps [9] are out of range" in text
+    assert f"{prompts}:9: key_steps [9] are out of range" in text
     monkeypatch.undo()
     # Line 2 is the image `distfd generate` makes with the same values.
     single = tmp_path / "single.png"

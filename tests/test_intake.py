@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+import distfd
 from distfd.intake import Intake, RequestRefused, decode
 from distfd.limits import RequestLimits
 from distfd.request import ImageRequest, ModelFacts
@@ -191,3 +192,16 @@ def test_the_field_a_models_refusal_names(message, field):
     with pytest.raises(RequestRefused) as refused:
         _intake(check).admit({"prompt": "a"})
     assert refused.value.field == field
+
+
+def test_key_steps_past_the_loop_are_refused_naming_key_steps():
+    """The model's range check (the loop length is known only there) names ``key_steps``, not the
+    step count its message also mentions."""
+
+    def check(req):
+        distfd.resolve_key_steps(list(req.key_steps), req.steps)
+        return req
+
+    with pytest.raises(RequestRefused, match=r"\[12\] are out of range for a sampling loop of 10") as refused:
+        _intake(check).admit({"prompt": "a", "key_steps": [0, 12]})
+    assert refused.value.field == "key_steps"
