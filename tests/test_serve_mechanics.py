@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing import Pipe
 
 import pytest
 from PIL import Image
@@ -516,6 +517,26 @@ def test_heartbeat_and_queue_bounds():
     links, _ = connect(DistContext.single())
     with pytest.raises(ValueError, match="--queue-size"):
         Coordinator(links, SizePolicy(1, 1), queue_size=0, timeout_s=30)
+
+
+@pytest.mark.parametrize(
+    ("world", "per_image", "expected"),
+    [(1, 1, 6), (4, 2, 3), (4, None, 2)],  # 3 waiting x 2 s over 1, 2 or (auto, 4 waiting) 4 groups
+    ids=["one-group", "two-groups", "auto"],
+)
+def test_retry_after_is_the_time_to_work_through_the_queue(world, per_image, expected):
+    """Retry-After on a full queue: waiting and running images times the mean seconds per image,
+    over the groups that will make them at once; at least 1 s (nothing known yet, or nothing queued)."""
+    pipes = [Pipe() for _ in range(world)]  # links never used: the coordinator's thread is not started
+    coordinator = Coordinator(
+        {r: end for r, (end, _) in enumerate(pipes)}, SizePolicy(world, per_image), queue_size=8, timeout_s=30
+    )
+    coordinator.open()
+    assert coordinator.retry_after_s() == 1  # an empty queue
+    coordinator.submit_many([FakeRequest("a", i) for i in range(3)])
+    assert coordinator.retry_after_s() == 1  # no image made yet: no mean
+    coordinator.mean_seconds = 2.0
+    assert coordinator.retry_after_s() == expected
 
 
 def test_a_silent_idle_rank_is_lost_within_the_timeout(caplog):
