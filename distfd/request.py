@@ -282,7 +282,10 @@ class ModelFacts:
         sched = getattr(pipe, "scheduler", None)
         return cls(
             pipeline_class=type(pipe).__name__,
-            vae_scale_factor=int(getattr(pipe, "vae_scale_factor", 8) or 8),
+            # DiT has no vae_scale_factor: read it from the VAE's config, as from_folder does
+            vae_scale_factor=int(
+                getattr(pipe, "vae_scale_factor", None) or _vae_factor(getattr(pipe, "vae", None))
+            ),
             sample_size=_pair(
                 getattr(getattr(denoiser, "config", None), "sample_size", None)
                 or getattr(pipe, "default_sample_size", None)  # FLUX: 128 latent cells, not in the config
@@ -292,6 +295,12 @@ class ModelFacts:
             call_params=_signature_names(type(pipe)),
             patch_size=_patch_size(getattr(denoiser, "config", None), type(denoiser).__name__),
         )
+
+
+def _vae_factor(vae: Any) -> int:
+    """Pixels per latent cell of a loaded VAE (``2 ** (len(block_out_channels) - 1)``), 8 without one."""
+    blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
+    return 2 ** (len(blocks) - 1) if blocks else 8
 
 
 def _flux_size(index: Mapping[str, Any]) -> int | None:
