@@ -23,6 +23,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$ROOT/benchmarks/results/mutation
 CHILDREN=${MUTMUT_CHILDREN:-2}
+# mutmut forks a child per mutant from a process that has imported torch: with OpenMP's thread pool
+# started, a forked child can block forever on its locks (seen on distfd/hooks.py: every child asleep,
+# mutmut's timeout never firing). One thread per process has no pool to inherit.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 REV=$(git rev-parse --short "${REV:-HEAD}")
 python -c "import mutmut" 2>/dev/null || python -m pip install -q "mutmut==3.8.1"
 

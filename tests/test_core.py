@@ -140,6 +140,49 @@ def test_remove_restores_vanilla_exactly():
     apply(pipe, key_steps=KEYS).remove()  # can be applied again after removal
 
 
+def test_remove_leaves_what_was_there_before():
+    """Hooks and wrappers of someone else's on the encoder modules and the scheduler (a diffusers
+    hook, a replaced ``forward``, a wrapped ``step``) work during the run and are what remains after
+    ``remove()``; distfd's own are gone."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    pipe = tiny.sd()
+    before = tiny.run(pipe)
+    calls = {"hook": 0, "forward": 0, "step": 0}
+
+    class Counting(ModelHook):
+        def post_forward(self, module, output):
+            calls["hook"] += 1
+            return output
+
+    conv_in, mid = pipe.unet.conv_in, pipe.unet.mid_block
+    HookRegistry.check_if_exists_or_initialize(conv_in).register_hook(Counting(), "theirs")
+    plain_mid = mid.forward
+
+    def their_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return plain_mid(*args, **kwargs)
+
+    mid.forward = their_forward
+    plain_step = pipe.scheduler.step
+
+    def their_step(*args, **kwargs):
+        calls["step"] += 1
+        return plain_step(*args, **kwargs)
+
+    pipe.scheduler.step = their_step
+    handle = apply(pipe, key_steps=KEYS)
+    tiny.run(pipe)
+    assert calls == {"hook": len(KEYS), "forward": len(KEYS), "step": STEPS}  # the encoder at key steps
+    handle.remove()
+    assert list(conv_in._diffusers_hook.hooks) == ["theirs"]
+    assert mid.__dict__["forward"] is their_forward and pipe.scheduler.__dict__["step"] is their_step
+    assert not hasattr(mid, "_diffusers_hook") and "set_timesteps" not in pipe.scheduler.__dict__
+    calls.update(hook=0, forward=0, step=0)
+    assert torch.equal(tiny.run(pipe), before)
+    assert calls == {"hook": STEPS, "forward": STEPS, "step": STEPS}
+
+
 def test_pipeline_features_keep_working():
     pipe = tiny.sd()
     pipe.set_progress_bar_config(disable=False)
