@@ -33,9 +33,9 @@ python -c "import mutmut" 2>/dev/null || python -m pip install -q "mutmut==3.8.1
 # module -> the test files that cover it
 declare -A TESTS=(
   [distfd/keysteps.py]="tests/test_keysteps.py tests/test_intake.py"
-  [distfd/intake.py]="tests/test_intake.py"
-  [distfd/limits.py]="tests/test_intake.py tests/test_session_bounds.py"
-  [distfd/request.py]="tests/test_intake.py tests/test_config.py"
+  [distfd/intake.py]="tests/test_intake.py tests/test_limits.py"
+  [distfd/limits.py]="tests/test_limits.py tests/test_intake.py tests/test_session_bounds.py"
+  [distfd/request.py]="tests/test_request.py tests/test_intake.py tests/test_config.py"
   [distfd/engine.py]="tests/test_core.py tests/test_models_dit.py"
   [distfd/hooks.py]="tests/test_core.py tests/test_layers.py"
   [distfd/passes.py]="tests/test_core.py tests/test_compile.py"
@@ -58,7 +58,10 @@ for module in "${modules[@]}"; do
     echo "only_mutate=$module"
     echo "pytest_add_cli_args_test_selection="  # one test file per line: mutmut reads a list
     for t in $tests; do echo "    $t"; done
-    echo "also_copy=tests/"
+    echo "also_copy="  # the tests, and the training scripts whose builders the tiny models share
+    echo "    tests/"
+    echo "    benchmarks/__init__.py"
+    echo "    benchmarks/embedded/"
   } > "$work/setup.cfg"
   name=$(echo "$module" | tr '/' '-')
   echo "== $module ($tests)"

@@ -140,6 +140,31 @@ def test_remove_restores_vanilla_exactly():
     apply(pipe, key_steps=KEYS).remove()  # can be applied again after removal
 
 
+def test_outside_a_sampling_loop_the_applied_modules_act_as_vanilla():
+    """An encoder module called with positional arguments, or ``scheduler.step``, by user code
+    between pipeline calls (``set_timesteps`` ends a loop) is no loop step: computed as without
+    distfd, no feature replayed, no noise injected."""
+    pipe = tiny.sd()
+    unet, sched = pipe.unet, pipe.scheduler
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+
+    def outside() -> tuple[torch.Tensor, ...]:
+        sched.set_timesteps(STEPS)
+        return unet.conv_in(x), sched.step(eps, sched.timesteps[-1], x).prev_sample
+
+    vanilla = outside()
+    handle = apply(pipe, key_steps=KEYS, noise_alpha=0.5)
+    try:
+        tiny.run(pipe)  # a loop first: its features and z_T exist
+        got = outside()
+    finally:
+        handle.remove()
+    for a, b in zip(got, vanilla, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_remove_leaves_what_was_there_before():
     """Hooks and wrappers of someone else's on the encoder modules and the scheduler (a diffusers
     hook, a replaced ``forward``, a wrapped ``step``) work during the run and are what remains after
