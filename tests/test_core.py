@@ -165,6 +165,41 @@ def test_outside_a_sampling_loop_the_applied_modules_act_as_vanilla():
         assert torch.equal(a, b)
 
 
+def test_a_loop_of_other_than_one_call_per_update_is_refused():
+    """A hand-written loop that calls the UNet twice per scheduler update, or skips a timestep, gets
+    an error naming the loop step and what it expected (no silently wrong replay)."""
+    pipe = tiny.sd()
+    unet, sched = pipe.unet, pipe.scheduler
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, unet.config.in_channels, 8, 8, generator=gen)
+    text = torch.randn(1, 8, unet.config.cross_attention_dim, generator=gen)
+    handle = apply(pipe, key_steps=KEYS)
+    try:
+        sched.set_timesteps(STEPS)
+        t = sched.timesteps
+        unet(x, t[0], encoder_hidden_states=text)
+        with pytest.raises(
+            RuntimeError, match=r"called for loop step 1 after 0 scheduler updates: this pipeline"
+        ):
+            unet(x, t[0], encoder_hidden_states=text)
+        sched.set_timesteps(STEPS)  # a new loop
+        eps = unet(x, t[0], encoder_hidden_states=text).sample
+        x = sched.step(eps, t[0], x).prev_sample
+        expected = rf"loop step 1 \(timestep {float(t[1])}\) but got timestep {float(t[2])}: this pipeline"
+        with pytest.raises(RuntimeError, match=expected):
+            unet(x, t[2], encoder_hidden_states=text)
+    finally:
+        handle.remove()
+
+
+def test_each_run_is_logged_with_its_loop_length_and_key_steps(caplog):
+    """PNDM's loop makes one call more than the steps asked for: the log gives the loop's length."""
+    pipe = tiny.sd("pndm")
+    with caplog.at_level("INFO", logger="distfd"), apply(pipe, key_steps=KEYS, mode="propagate"):
+        tiny.run(pipe, steps=STEPS)
+    assert f"distfd propagate: {STEPS + 1} steps, key steps {KEYS}, 1 rank(s)" in caplog.text
+
+
 def test_remove_leaves_what_was_there_before():
     """Hooks and wrappers of someone else's on the encoder modules and the scheduler (a diffusers
     hook, a replaced ``forward``, a wrapped ``step``) work during the run and are what remains after
