@@ -60,8 +60,7 @@ for module in "${modules[@]}"; do
     for t in $tests; do echo "    $t"; done
     echo "also_copy="  # the tests, and the training scripts whose builders the tiny models share
     echo "    tests/"
-    echo "    benchmarks/__init__.py"
-    echo "    benchmarks/embedded/"
+    echo "    benchmarks/"
   } > "$work/setup.cfg"
   name=$(echo "$module" | tr '/' '-')
   echo "== $module ($tests)"

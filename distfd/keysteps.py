@@ -182,7 +182,7 @@ class KeySteps:
             return cls(text, preset.key_steps, preset.num_steps)
         raise ValueError(
             f"unknown key-step preset {shorten(text)!r}; known: {', '.join(preset_names())}, "
-            "'uniform-K', indices such as '0,1,5', or a .json file."
+            "indices such as '0,1,5', or a .json file."
         )
 
     def resolve(

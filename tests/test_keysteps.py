@@ -216,3 +216,83 @@ def test_key_steps_as_a_request_reports_them(tmp_path):
     assert KeySteps.parse("uniform-3").describe() == "uniform-3"
     req = ImageRequest(prompt="a red circle", key_steps=KeySteps.parse(str(path)))
     assert req.to_dict()["key_steps"] == f"[0, 4, 8] ({path})"
+
+
+def _preset_file(tmp_path, data) -> str:
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (5, TypeError, "key_steps must be a preset name, a preset .json file or a list of ints; got int."),
+        ("", ValueError, "key_steps is an empty string; give a preset name such as 'sd-ddim-50'."),
+        ([0, -3], ValueError, "key_steps must be non-negative loop indices; got [-3]."),
+        ([0, 3, 3], ValueError, "key_steps has duplicates [3]; list each loop index once."),
+        ([0, 2.7], TypeError, "key_steps must hold ints (0-based loop indices); got 2.7."),
+        ("0,2.7", TypeError, "key_steps must hold ints (0-based loop indices); got '2.7'."),
+        ("0,3,3", ValueError, "key_steps has duplicates [3]; list each loop index once."),
+        ("0,3,", None, (0, 3)),  # one trailing comma, as written by hand
+        ("0,", None, (0,)),
+        ("0,+3", None, (0, 3)),
+        ("0," + "9" * 18, None, (0, 10**18 - 1)),  # 18 digits are still read (and later out of range)
+        (
+            "0," + "9" * 19,
+            ValueError,
+            "key_steps holds an index of 19 digits; loop indices are below the step count.",
+        ),
+        ("uniform-1", None, "uniform-1"),
+        ("uniform-0", ValueError, "bad uniform preset 'uniform-0': use 'uniform-K' with an integer K >= 1."),
+        (
+            "fast",
+            ValueError,
+            "unknown key-step preset 'fast'; known: dit-250, if-stage1-100, if-stage2-50, if-stage3-75, "
+            "sd-ddim-50, sd-dpm-20, sd-personalized-50, uniform-K (every K-th step), indices such as "
+            "'0,1,5', or a .json file.",
+        ),
+        ({"num_steps": 10}, ValueError, "must hold {'num_steps': N, 'key_steps': [...]}."),
+        ([0, 1], ValueError, "must hold {'num_steps': N, 'key_steps': [...]}."),
+        (
+            {"num_steps": 10, "key_steps": 5},
+            TypeError,
+            "key_steps in preset file {} must be a list of ints; got int.",
+        ),
+        (
+            {"num_steps": 0, "key_steps": [0]},
+            ValueError,
+            "key-step preset file {}: num_steps must be an int >= 1; got 0.",
+        ),
+        ({"num_steps": 1, "key_steps": [0]}, None, (0,)),
+    ],
+)
+def test_every_form_is_read_or_refused_with_its_whole_message(tmp_path, value, error, message):
+    """The messages in full (what and how to fix it); a JSON object or array is written to a preset
+    file first (a list is the list form, an object only reaches the parser as a file)."""
+    if isinstance(value, dict) or (isinstance(value, list) and "{'num_steps'" in str(message)):
+        value = _preset_file(tmp_path, value)
+        message = message.replace("{}", value) if "{}" in message else message
+    if error is None:
+        parsed = KeySteps.parse(value)
+        assert (parsed.source if parsed.every else parsed.indices) == message
+        return
+    with pytest.raises(error) as refused:
+        KeySteps.parse(value)
+    assert str(refused.value).endswith(message), str(refused.value)
+    if isinstance(value, str) and value.endswith(".json") and "{'num_steps'" in message:
+        assert str(refused.value) == f"key-step preset file {value} {message}"
+
+
+def test_resolve_refusals_in_full():
+    with pytest.raises(ValueError) as refused:
+        KeySteps.parse("sd-ddim-50").resolve(25)
+    assert str(refused.value) == (
+        "key-step preset 'sd-ddim-50' is built for 50 steps but the pipeline runs 25; use "
+        "num_inference_steps=50, pick another preset, or set rescale_key_steps=True to rescale it."
+    )
+    with pytest.raises(ValueError) as refused:
+        KeySteps.parse([0, 12]).resolve(10)
+    assert (
+        str(refused.value) == "key_steps [12] are out of range for a sampling loop of 10 steps (valid: 0..9)."
+    )

@@ -520,22 +520,27 @@ def test_heartbeat_and_queue_bounds():
 
 
 @pytest.mark.parametrize(
-    ("world", "per_image", "expected"),
-    [(1, 1, 6), (4, 2, 3), (4, None, 2)],  # 3 waiting x 2 s over 1, 2 or (auto, 4 waiting) 4 groups
-    ids=["one-group", "two-groups", "auto"],
+    ("world", "per_image", "waiting", "mean_s", "expected"),
+    [
+        (1, 1, 3, 2.0, 6),  # 3 images x 2 s, one at a time
+        (4, 2, 3, 2.0, 3),  # two groups of 2 ranks
+        (4, None, 3, 2.0, 2),  # auto: a fourth image would get a group of 1 (4 groups): 1.5 s, rounded
+        (4, None, 1, 4.0, 2),  # auto: a second image would get a group of 2 (2 groups)
+    ],
+    ids=["one-group", "two-groups", "auto-long-queue", "auto-short-queue"],
 )
-def test_retry_after_is_the_time_to_work_through_the_queue(world, per_image, expected):
+def test_retry_after_is_the_time_to_work_through_the_queue(world, per_image, waiting, mean_s, expected):
     """Retry-After on a full queue: waiting and running images times the mean seconds per image,
-    over the groups that will make them at once; at least 1 s (nothing known yet, or nothing queued)."""
+    over the groups that would make the next one at once; at least 1 s (no mean yet, or no queue)."""
     pipes = [Pipe() for _ in range(world)]  # links never used: the coordinator's thread is not started
     coordinator = Coordinator(
         {r: end for r, (end, _) in enumerate(pipes)}, SizePolicy(world, per_image), queue_size=8, timeout_s=30
     )
     coordinator.open()
     assert coordinator.retry_after_s() == 1  # an empty queue
-    coordinator.submit_many([FakeRequest("a", i) for i in range(3)])
+    coordinator.submit_many([FakeRequest("a", i) for i in range(waiting)])
     assert coordinator.retry_after_s() == 1  # no image made yet: no mean
-    coordinator.mean_seconds = 2.0
+    coordinator.mean_seconds = mean_s
     assert coordinator.retry_after_s() == expected
 
 
