@@ -231,11 +231,13 @@ def test_remove_leaves_what_was_there_before():
         return plain_step(*args, **kwargs)
 
     pipe.scheduler.step = their_step
+    empty = HookRegistry.check_if_exists_or_initialize(pipe.unet.down_blocks[0])  # someone's, no hook yet
     handle = apply(pipe, key_steps=KEYS)
     tiny.run(pipe)
     assert calls == {"hook": len(KEYS), "forward": len(KEYS), "step": STEPS}  # the encoder at key steps
     handle.remove()
     assert list(conv_in._diffusers_hook.hooks) == ["theirs"]
+    assert pipe.unet.down_blocks[0]._diffusers_hook is empty and not empty.hooks
     assert mid.__dict__["forward"] is their_forward and pipe.scheduler.__dict__["step"] is their_step
     assert not hasattr(mid, "_diffusers_hook") and "set_timesteps" not in pipe.scheduler.__dict__
     calls.update(hook=0, forward=0, step=0)
