@@ -254,6 +254,7 @@ def _preset_file(tmp_path, data) -> str:
         ),
         ({"num_steps": 10}, ValueError, "must hold {'num_steps': N, 'key_steps': [...]}."),
         ([0, 1], ValueError, "must hold {'num_steps': N, 'key_steps': [...]}."),
+        (["num_steps", "key_steps"], ValueError, "must hold {'num_steps': N, 'key_steps': [...]}."),
         (
             {"num_steps": 10, "key_steps": 5},
             TypeError,
