@@ -185,19 +185,26 @@ def test_a_loop_of_other_than_one_call_per_update_is_refused():
         sched.set_timesteps(STEPS)  # a new loop
         eps = unet(x, t[0], encoder_hidden_states=text).sample
         x = sched.step(eps, t[0], x).prev_sample
-        expected = rf"loop step 1 \(timestep {float(t[1])}\) but got timestep {float(t[2])}: this pipeline"
+        expected = (
+            rf"loop step 1 \(timestep {float(t[1])}\) but got timestep {float(t[2])}: this pipeline calls the "
+            r"denoiser in a pattern distfd does not support \(one call per scheduler timestep\)\.$"
+        )
         with pytest.raises(RuntimeError, match=expected):
             unet(x, t[2], encoder_hidden_states=text)
     finally:
         handle.remove()
 
 
-def test_each_run_is_logged_with_its_loop_length_and_key_steps(caplog):
-    """PNDM's loop makes one call more than the steps asked for: the log gives the loop's length."""
+@pytest.mark.parametrize("mode", ["propagate", "parallel"])
+def test_each_run_is_logged_with_its_loop_length_and_key_steps(caplog, mode):
+    """PNDM's loop makes one call more than the steps asked for: the log gives the loop's length.
+    One rank never idles, so no warning says so."""
     pipe = tiny.sd("pndm")
-    with caplog.at_level("INFO", logger="distfd"), apply(pipe, key_steps=KEYS, mode="propagate"):
+    with caplog.at_level("INFO", logger="distfd"), apply(pipe, key_steps=KEYS, mode=mode):
         tiny.run(pipe, steps=STEPS)
-    assert f"distfd propagate: {STEPS + 1} steps, key steps {KEYS}, 1 rank(s)" in caplog.text
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"distfd {mode}: {STEPS + 1} steps, key steps {KEYS}, 1 rank(s)" in messages
+    assert not any("some ranks will idle" in m for m in messages), messages
 
 
 def test_remove_leaves_what_was_there_before():
