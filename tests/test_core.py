@@ -141,7 +141,7 @@ def test_remove_restores_vanilla_exactly():
 
 
 def test_outside_a_sampling_loop_the_applied_modules_act_as_vanilla():
-    """An encoder module called with positional arguments, or ``scheduler.step``, by user code
+    """An encoder module called (by position or by keyword), or ``scheduler.step``, by user code
     between pipeline calls (``set_timesteps`` ends a loop) is no loop step: computed as without
     distfd, no feature replayed, no noise injected."""
     pipe = tiny.sd()
@@ -152,7 +152,7 @@ def test_outside_a_sampling_loop_the_applied_modules_act_as_vanilla():
 
     def outside() -> tuple[torch.Tensor, ...]:
         sched.set_timesteps(STEPS)
-        return unet.conv_in(x), sched.step(eps, sched.timesteps[-1], x).prev_sample
+        return unet.conv_in(x), unet.conv_in(input=x), sched.step(eps, sched.timesteps[-1], x).prev_sample
 
     vanilla = outside()
     handle = apply(pipe, key_steps=KEYS, noise_alpha=0.5)
